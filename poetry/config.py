@@ -1,0 +1,247 @@
+"""Typed run configuration: dataclasses loaded from YAML, overridden by dotted `section.key=value` arguments.
+
+Unknown keys and wrong types fail at start, naming the key and what is valid, so a typo never trains for an hour
+with a default. Every field is documented where it is declared; the README's config reference mirrors this file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class ConfigError(ValueError):
+    """A config problem, stated as one line that names the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local model directory (or a hub id where the network allows)
+    dtype: Precision = "bf16"  # dtype of the frozen base weights
+    quantization: Literal["none", "8bit", "4bit"] = "none"  # bitsandbytes base quantization
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit data type
+    double_quant: bool = True  # 4-bit: quantize the quantization constants too (~0.4 bit/param saved)
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: ~30% slower, activations ~1/layers
+    checkpointing_reentrant: bool = False  # reentrant variant (needs input grads, enabled for you)
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or e.g. [q_proj, v_proj]
+    use_dora: bool = False
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/sample/train-data"  # train-data tree, JSON list or JSONL of training poems
+    val_fraction: float = 0.1  # poems held out for validation, chosen by a stable hash of each poem
+    split_seed: int = 0
+    max_len: int = 1024  # longer examples are dropped with a counted warning; targets are never cut
+    max_items: int = 3  # words / sentences per built question, as in the official eval items
+    on_invalid: Literal["error", "skip"] = "error"
+    system_prompt: str = ""  # optional system message for chat templates
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 3
+    max_steps: int = 0  # optimizer steps; 0 = run all epochs
+    micro_batch_size: int = 4
+    grad_accum: int = 4  # micro-batches per optimizer step
+    max_tokens_per_batch: int = 0  # token-budget batches (padded tokens) instead of a fixed size; 0 = off
+    bucket_multiplier: int = 32  # length buckets hold this many batches before being sorted
+    precision: Precision = "bf16"  # autocast dtype; fp16 adds a GradScaler
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw", "adamw"] = "paged_adamw_8bit"
+    lr: float = 2e-4
+    weight_decay: float = 0.0  # never applied to biases and norms
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.03  # used when warmup_steps is 0
+    min_lr_ratio: float = 0.1  # decay floor, as a fraction of lr
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_last: int = 2
+    resume: str = ""  # "", "auto" (latest in log.dir) or a checkpoint path
+    cpu: bool = False  # force CPU (also for multi-process runs on CPU)
+    profile_memory: bool = False  # record a CUDA memory snapshot of the first steps
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50  # optimizer steps between evaluations; 0 = only at the end
+    batch_size: int = 8
+    loss: bool = True  # validation loss / perplexity
+    decode: bool = True  # constrained decoding on validation questions: accuracy and BLEU curves
+    max_questions: int = 64  # subset of validation questions decoded in the loop; 0 = all
+    max_new_tokens: int = 64  # per-value token budget
+    bertscore_model: str = ""  # local BERT directory; empty = BERTScore off in the loop
+    bertscore_layer: int = 8
+    best_metric: str = "val/loss"  # which logged metric picks the best checkpoint
+    best_mode: Literal["min", "max"] = "min"
+
+
+@dataclass
+class LogConfig:
+    dir: str = ""  # run directory; empty = runs/<date-time>
+    every: int = 1  # optimizer steps between console lines (metrics.jsonl gets every step)
+    tracker: Literal["none", "tensorboard", "wandb", "swanlab"] = "none"
+    curves: bool = True  # PNG curves in the run directory
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_label(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check (and widen int -> float) a YAML value against a field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{key}: {value!r} is not valid; choose {_type_label(hint)}")
+        return value
+    if origin in (list, tuple):
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_label(item_hint)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item_hint, item) for i, item in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(key, option, value)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 2e-4 as a string (no dot)
+            return float(value)
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_label(hint)}, got {value!r}")
+    return value
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{key}'{hint}; valid keys: {', '.join(valid)}")
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown(key, names)
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            _apply(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(key, hints[name], value))
+
+
+def parse_override(text: str) -> dict:
+    """`train.lr=2e-4` -> {"train": {"lr": 2e-4}}; the value is read as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict = value
+    for part in reversed(dotted.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that no single type can express."""
+    t = config.train
+    positive = {"train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
+                "train.epochs": t.epochs, "train.bucket_multiplier": t.bucket_multiplier, "lora.r": config.lora.r,
+                "data.max_len": config.data.max_len, "data.max_items": config.data.max_items,
+                "eval.batch_size": config.eval.batch_size, "eval.max_new_tokens": config.eval.max_new_tokens}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if not 0.0 <= config.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {config.data.val_fraction}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas: expected two numbers, got {t.betas}")
+    if config.model.quantization != "none" and config.model.dtype == "fp32" and t.precision != "fp32":
+        raise ConfigError("model.dtype: fp32 with a quantized base wastes memory; use bf16 or fp16")
+    if t.precision == "fp16" and config.model.dtype == "bf16":
+        raise ConfigError("train.precision: fp16 autocast over a bf16 base mixes formats; set model.dtype=fp16 "
+                          "or fp32, or use train.precision=bf16")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then each `section.key=value` override, then cross-field validation."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(values).__name__}")
+        try:
+            _apply(config, values)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    for text in overrides:
+        _apply(config, parse_override(text))
+    validate(config)
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8")

@@ -1,0 +1,275 @@
+"""Loading and validating task files: train trees, JSON lists, JSONL, eval questions and submissions.
+
+Files are parsed with the standard library rather than `datasets.load_dataset`: Arrow's schema inference turns a
+wrong type into an opaque cast error, while the task needs `file:record N: field 'x': ...`. Tokenisation later
+goes through `datasets.map` (see poetry.prompt), where the library does help.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Literal
+
+from .errors import DataError, Issue, Loaded
+from .records import OPTION_LETTERS, Answer, Poem, Question
+
+OnInvalid = Literal["error", "skip"]
+
+
+def _line_col(text: str, offset: int) -> tuple[int, int]:
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def _decode(path: Path, shown: str) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line, col = _line_col(data[: err.start].decode("utf-8", errors="replace"), err.start)
+        raise DataError([Issue(shown, None, None, f"not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}, "
+                                                  f"column {col}); re-save the file as UTF-8")]) from None
+    return text.replace("\r\n", "\n")
+
+
+def _parse_records(path: Path, shown: str) -> tuple[list[tuple[int, object]], str]:
+    """(number, raw record) pairs and the label for numbers: list index for JSON, 1-based line for JSONL."""
+    if not path.is_file():
+        raise DataError([Issue(shown, None, None, "no such file")])
+    text = _decode(path, shown)
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                try:
+                    records.append((number, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise DataError([Issue(shown, number, None, f"invalid JSON at column {err.colno}: {err.msg}",
+                                           "line")]) from None
+        return records, "line"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError([Issue(shown, None, None, f"invalid JSON at line {err.lineno}, column {err.colno}: "
+                                                  f"{err.msg}")]) from None
+    if not isinstance(data, list):
+        raise DataError([Issue(shown, None, None, f"expected a JSON list of records, got {_type_name(data)}")])
+    return list(enumerate(data)), "record"
+
+
+def _type_name(value: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+class _Fields:
+    """Reads typed fields out of one raw record, turning every problem into an Issue instead of raising."""
+
+    def __init__(self, raw: dict, issue: Callable[[str | None, str], None]):
+        self.issue = issue
+        self.raw = raw
+
+    def _get(self, name: str, required: bool):
+        if name not in self.raw:
+            if required:
+                self.issue(name, "missing field")
+            return None
+        return self.raw[name]
+
+    def text(self, name: str, required: bool = True, nullable: bool = False) -> str | None:
+        value = self._get(name, required)
+        if value is None:
+            if name in self.raw and not nullable:
+                self.issue(name, "null where text is required")
+            return None
+        if not isinstance(value, str):
+            self.issue(name, f"expected a string, got {_type_name(value)}")
+        elif not value.strip() and not nullable:
+            self.issue(name, "empty text")
+        else:
+            return value.replace("\r\n", "\n")
+        return None
+
+    def integer(self, name: str) -> int | None:
+        value = self._get(name, True)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            self.issue(name, f"expected an integer, got {_type_name(value)}")
+            return None
+        return value
+
+    def text_list(self, name: str) -> tuple[str, ...]:
+        value = self._get(name, True)
+        if value is None:
+            if name in self.raw:
+                self.issue(name, "null where a list is required")
+            return ()
+        if not isinstance(value, list):
+            self.issue(name, f"expected a list of strings, got {_type_name(value)}")
+            return ()
+        if not value:
+            self.issue(name, "empty list")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                self.issue(name, f"item {i} is {_type_name(item) if not isinstance(item, str) else 'empty'}, "
+                                 f"expected non-empty text")
+        for item in sorted({x for x in value if isinstance(x, str) and value.count(x) > 1}):
+            self.issue(name, f"duplicate item {item!r}")
+        return tuple(value)
+
+    def text_map(self, name: str, allow_empty: bool, allow_empty_values: bool) -> dict[str, str]:
+        value = self._get(name, True)
+        if value is None:
+            if name in self.raw:
+                self.issue(name, "null where an object is required")
+            return {}
+        if not isinstance(value, dict):
+            self.issue(name, f"expected an object of text values, got {_type_name(value)}")
+            return {}
+        if not value and not allow_empty:
+            self.issue(name, "empty object")
+        for key, item in value.items():
+            if not isinstance(item, str):
+                self.issue(name, f"value of {key!r} is {_type_name(item)}, expected text")
+            elif not item.strip() and not allow_empty_values:
+                self.issue(name, f"value of {key!r} is empty")
+        return {key: item.replace("\r\n", "\n") for key, item in value.items() if isinstance(item, str)}
+
+
+def _load(path: str | Path, build: Callable[[_Fields, str], object], on_invalid: OnInvalid,
+          shown: str | None = None) -> Loaded:
+    path = Path(path)
+    shown = shown or str(path)
+    records, label = _parse_records(path, shown)
+    loaded = Loaded([])
+    for number, raw in records:
+        issues: list[Issue] = []
+        fields = _Fields(raw, lambda name, msg: issues.append(Issue(shown, number, name, msg, label)))
+        if isinstance(raw, dict):
+            record = build(fields, f"{shown}:{number}")
+        else:
+            fields.issue(None, f"expected an object, got {_type_name(raw)}")
+        if issues:
+            if on_invalid == "error":
+                raise DataError(issues)
+            loaded.skipped.extend(issues)
+            loaded.skipped_records += 1
+        else:
+            loaded.records.append(record)
+    return loaded
+
+
+def _poem(fields: _Fields, source: str) -> Poem:
+    return Poem(
+        title=(fields.text("title") or "").strip(),
+        content=(fields.text("content") or "").strip(),
+        keywords=fields.text_map("keywords", allow_empty=True, allow_empty_values=True),
+        trans=(fields.text("trans") or "").strip(),
+        emotion=(fields.text("emotion", nullable=True) or "").strip() or None,
+        author=fields.text("author", required=False, nullable=True),
+        source=source,
+    )
+
+
+def load_poems(path: str | Path, on_invalid: OnInvalid = "error") -> Loaded:
+    """Training poems from a `train-data` tree (every `train.json` below it), a JSON list, or JSONL."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("train.json"))
+        if not files:
+            raise DataError([Issue(str(path), None, None, "no train.json below this directory")])
+    else:
+        files = [path]
+    loaded = Loaded([])
+    for file in files:
+        shown = str(file.relative_to(path.parent)) if path.is_dir() else str(file)
+        part = _load(file, _poem, on_invalid, shown)
+        loaded.records.extend(part.records)
+        loaded.skipped.extend(part.skipped)
+        loaded.skipped_records += part.skipped_records
+    return loaded
+
+
+def _question(fields: _Fields, source: str) -> Question:
+    choose = fields.text_map("choose", allow_empty=False, allow_empty_values=False)
+    if choose and tuple(sorted(choose)) != OPTION_LETTERS:
+        fields.issue("choose", f"expected exactly the options A, B, C, D, got {', '.join(choose)}")
+    return Question(
+        idx=fields.integer("idx"),
+        title=fields.text("title") or "",
+        author=fields.text("author", required=False, nullable=True),
+        content=fields.text("content") or "",
+        qa_words=fields.text_list("qa_words"),
+        qa_sents=fields.text_list("qa_sents"),
+        choose={letter: choose[letter] for letter in OPTION_LETTERS if letter in choose},
+    )
+
+
+def _answer(fields: _Fields, source: str) -> Answer:
+    choose_id = fields.raw.get("choose_id")
+    if "choose_id" in fields.raw and choose_id not in OPTION_LETTERS:
+        fields.issue("choose_id", f"expected one of the strings A, B, C, D, got {json.dumps(choose_id)}")
+    elif "choose_id" not in fields.raw:
+        fields.issue("choose_id", "missing field")
+    return Answer(
+        idx=fields.integer("idx"),
+        ans_qa_words=fields.text_map("ans_qa_words", allow_empty=False, allow_empty_values=False),
+        ans_qa_sents=fields.text_map("ans_qa_sents", allow_empty=False, allow_empty_values=False),
+        choose_id=choose_id,
+    )
+
+
+def _check_unique_idx(loaded: Loaded, file: str) -> None:
+    seen: dict[int, int] = {}
+    issues = []
+    for position, record in enumerate(loaded.records):
+        if record.idx in seen:
+            issues.append(Issue(file, position, "idx", f"duplicate idx {record.idx} (first at record "
+                                                       f"{seen[record.idx]})"))
+        seen.setdefault(record.idx, position)
+    if issues:
+        raise DataError(issues)
+
+
+def load_questions(path: str | Path, on_invalid: OnInvalid = "error") -> Loaded:
+    """Evaluation items `{idx, title, author, content, qa_words, qa_sents, choose}` from a JSON list or JSONL."""
+    loaded = _load(path, _question, on_invalid)
+    _check_unique_idx(loaded, str(path))
+    return loaded
+
+
+def load_answers(path: str | Path) -> list[Answer]:
+    """A submission: `{idx, ans_qa_words, ans_qa_sents, choose_id}` items. Strict, as the official scorer is."""
+    loaded = _load(path, _answer, "error")
+    _check_unique_idx(loaded, str(path))
+    return loaded.records
+
+
+def check_submission(questions: list[Question], answers: list[Answer], file: str) -> None:
+    """What the official scorer enforces: one answer per question, in order, each answer present and non-empty.
+
+    The scorer reads answers by position, so a right key in the wrong place is still an error here.
+    """
+    if len(answers) != len(questions):
+        raise DataError([Issue(file, None, None, f"{len(answers)} answers for {len(questions)} questions")])
+    issues = []
+    for position, (question, answer) in enumerate(zip(questions, answers)):
+        def bad(field: str, message: str, position: int = position) -> None:
+            issues.append(Issue(file, position, field, message))
+
+        if answer.idx != question.idx:
+            bad("idx", f"is {answer.idx}, but question {position} has idx {question.idx} (answers are read in order)")
+        for field, asked, given in (("ans_qa_words", question.qa_words, answer.ans_qa_words),
+                                    ("ans_qa_sents", question.qa_sents, answer.ans_qa_sents)):
+            if tuple(given) != tuple(asked):
+                bad(field, f"keys {list(given)} differ from the question's {list(asked)} (same order required)")
+        if answer.choose_id not in OPTION_LETTERS:
+            bad("choose_id", f"expected one of A, B, C, D, got {json.dumps(answer.choose_id)}")
+    if issues:
+        raise DataError(issues)
+
+
+def write_submission(answers: list[Answer], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps([a.to_json() for a in answers], ensure_ascii=False, indent=1) + "\n",
+                          encoding="utf-8")

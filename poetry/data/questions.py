@@ -1,0 +1,130 @@
+"""Turning training poems into task questions with gold answers: the heart of the task adaptation.
+
+A poem `{title, content, keywords, trans, emotion}` becomes questions shaped like the official eval items:
+- words: the keyword glosses (empty glosses dropped; words absent from the content kept, as in the eval set);
+- sentences: content/translation clause pairs, only where the structure proves the alignment;
+- emotion: four options with the poem's own emotion right and three distractors from other poems that share no
+  emotion word with it, re-drawn and re-shuffled per (seed, poem, epoch) so each epoch sees a fresh question.
+Long poems are split into several questions of at most `max_items` words and sentences, the size of eval items.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from dataclasses import dataclass
+
+from .records import OPTION_LETTERS, Answer, Example, Poem, Question
+
+SENTENCE_END = "。！？；"
+_CLAUSE = re.compile(rf"[^{SENTENCE_END}]*[{SENTENCE_END}]+|[^{SENTENCE_END}]+$")
+_EMOTION_SEPARATORS = re.compile(r"[，,、；;。.\s/与和及]+")
+
+
+def clauses(text: str) -> list[str]:
+    """Split at sentence-final marks, keeping each mark with its clause; whitespace (line breaks, the full-width
+    spaces between ci stanzas) is dropped at clause edges."""
+    return [c.strip(" \n\t\u3000") for c in _CLAUSE.findall(text) if c.strip(" \n\t\u3000")]
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip(" \t\u3000") for line in text.split("\n") if line.strip(" \t\u3000")]
+
+
+@dataclass(frozen=True)
+class Alignment:
+    pairs: tuple[tuple[str, str], ...]
+    method: str  # "marks", "lines" or "none"
+
+
+def align_sentences(content: str, trans: str) -> Alignment:
+    """Pair content and translation sentences only when the structure allows it.
+
+    Equal counts of sentence-final marks pair clause i with clause i; otherwise equal line counts (two or more
+    lines) pair line i with line i; otherwise nothing is paired, since the translation re-orders or merges.
+    """
+    source, target = clauses(content), clauses(trans)
+    if source and len(source) == len(target):
+        return Alignment(tuple(zip(source, target)), "marks")
+    source, target = _lines(content), _lines(trans)
+    if len(source) > 1 and len(source) == len(target):
+        return Alignment(tuple(zip(source, target)), "lines")
+    return Alignment((), "none")
+
+
+def emotion_words(emotion: str) -> frozenset[str]:
+    """"离别，思念与期盼" -> {离别, 思念, 期盼}: the units two emotions must not share to be distinct options."""
+    return frozenset(w for w in _EMOTION_SEPARATORS.split(emotion) if w)
+
+
+def _chunks(items: list, n_chunks: int) -> list[list]:
+    """Split into n_chunks runs of near-equal size, order kept (7 items, 3 chunks -> 3, 2, 2)."""
+    size, extra = divmod(len(items), n_chunks)
+    bounds = [i * size + min(i, extra) for i in range(n_chunks + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(n_chunks)]
+
+
+def stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
+
+
+class QuestionBuilder:
+    """Builds the training questions of one epoch. The emotion pool is the poems given, so distractors come from the
+    same split (no validation emotions leak into training options)."""
+
+    def __init__(self, poems: list[Poem], seed: int = 0, max_items: int = 3):
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
+        self.poems, self.seed, self.max_items = poems, seed, max_items
+        emotions = {p.emotion.strip() for p in poems if p.emotion and p.emotion.strip()}
+        self.emotions = sorted(emotions)
+        self.words = {e: emotion_words(e) for e in self.emotions}
+
+    def distractor_pool(self, emotion: str) -> list[str]:
+        own = emotion_words(emotion)
+        return [e for e in self.emotions if not (self.words[e] & own)]
+
+    def choose(self, poem: Poem, epoch: int) -> tuple[dict[str, str], str] | None:
+        """Options A-D and the right letter, or None when the poem has no emotion or too few distractors."""
+        if not poem.emotion:
+            return None
+        pool = self.distractor_pool(poem.emotion)
+        if len(pool) < len(OPTION_LETTERS) - 1:
+            return None
+        rng = random.Random(f"{self.seed}:{poem.key}:{epoch}")
+        options = [poem.emotion, *rng.sample(pool, len(OPTION_LETTERS) - 1)]
+        rng.shuffle(options)
+        return dict(zip(OPTION_LETTERS, options)), OPTION_LETTERS[options.index(poem.emotion)]
+
+    def examples(self, poem: Poem, epoch: int) -> list[Example]:
+        glosses = [(w, g.strip()) for w, g in poem.keywords.items() if g.strip()]
+        sentences = list(align_sentences(poem.content, poem.trans).pairs)
+        choice = self.choose(poem, epoch)
+        n_questions = max(math.ceil(len(glosses) / self.max_items), math.ceil(len(sentences) / self.max_items), 1)
+        if not glosses and not sentences and choice is None:
+            return []
+        examples = []
+        for words, sents in zip(_chunks(glosses, n_questions), _chunks(sentences, n_questions)):
+            options, letter = choice if choice else ({}, None)
+            question = Question(idx=len(examples), title=poem.title, author=poem.author, content=poem.content,
+                                qa_words=tuple(w for w, _ in words), qa_sents=tuple(s for s, _ in sents),
+                                choose=options)
+            answer = Answer(idx=len(examples), ans_qa_words=dict(words), ans_qa_sents=dict(sents), choose_id=letter)
+            examples.append(Example(question, answer, poem.key))
+        return examples
+
+    def epoch(self, epoch: int) -> list[Example]:
+        return [example for poem in self.poems for example in self.examples(poem, epoch)]
+
+
+def split_poems(poems: list[Poem], val_fraction: float, seed: int = 0) -> tuple[list[Poem], list[Poem]]:
+    """Deterministic train/validation split by a stable hash of each poem: the same poem lands on the same side on
+    any machine and in any file order, and no poem is on both sides."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    train, val = [], []
+    for poem in poems:
+        bucket = stable_hash(f"{seed}:{poem.key}") / 2**64
+        (val if bucket < val_fraction else train).append(poem)
+    return train, val

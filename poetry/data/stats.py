@@ -1,0 +1,69 @@
+"""Counts and coverage of a training tree: what the question builder can make of it."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from .questions import QuestionBuilder, align_sentences
+from .records import Poem
+
+
+@dataclass(frozen=True)
+class Stats:
+    poems: int
+    files: int
+    glosses: int
+    empty_glosses: int
+    words_not_in_content: int
+    poems_without_keywords: int
+    alignment: Counter  # method -> poems
+    sentence_pairs: int
+    content_clauses: int
+    with_emotion: int
+    emotion_questions: int
+    distinct_emotions: int
+    questions_per_epoch: int
+
+    def rows(self) -> list[tuple[str, str]]:
+        aligned = self.alignment["marks"] + self.alignment["lines"]
+        pct = lambda n, d: f"{n} ({100 * n / d:.1f}%)" if d else str(n)
+        return [
+            ("files", str(self.files)),
+            ("poems", str(self.poems)),
+            ("glosses (non-empty)", str(self.glosses)),
+            ("empty glosses dropped", str(self.empty_glosses)),
+            ("gloss words not in content (kept)", str(self.words_not_in_content)),
+            ("poems without keywords", str(self.poems_without_keywords)),
+            ("poems aligned by sentence marks", str(self.alignment["marks"])),
+            ("poems aligned by lines", str(self.alignment["lines"])),
+            ("poems not aligned (no sentence pairs)", str(self.alignment["none"])),
+            ("aligned poems", pct(aligned, self.poems)),
+            ("sentence pairs / content clauses", pct(self.sentence_pairs, self.content_clauses)),
+            ("poems with an emotion", str(self.with_emotion)),
+            ("distinct emotions", str(self.distinct_emotions)),
+            ("emotion questions (>= 3 disjoint distractors)", pct(self.emotion_questions, self.poems)),
+            ("questions per epoch (<= 3 words/sentences each)", str(self.questions_per_epoch)),
+        ]
+
+
+def compute_stats(poems: list[Poem], max_items: int = 3) -> Stats:
+    from .questions import clauses
+
+    builder = QuestionBuilder(poems, max_items=max_items)
+    alignments = [align_sentences(p.content, p.trans) for p in poems]
+    glosses = [g for p in poems for g in p.keywords.values()]
+    return Stats(
+        poems=len(poems),
+        files=len({(p.source or "").rsplit(":", 1)[0] for p in poems}),  # source is "file:record"
+        glosses=sum(1 for g in glosses if g.strip()),
+        empty_glosses=sum(1 for g in glosses if not g.strip()),
+        words_not_in_content=sum(1 for p in poems for w in p.keywords if w not in p.content),
+        poems_without_keywords=sum(1 for p in poems if not p.keywords),
+        alignment=Counter(a.method for a in alignments),
+        sentence_pairs=sum(len(a.pairs) for a in alignments),
+        content_clauses=sum(len(clauses(p.content)) for p in poems),
+        with_emotion=sum(1 for p in poems if p.emotion),
+        emotion_questions=sum(1 for p in poems if builder.choose(p, 0) is not None),
+        distinct_emotions=len(builder.emotions),
+        questions_per_epoch=len(builder.epoch(0)),
+    )

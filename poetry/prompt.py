@@ -1,0 +1,152 @@
+"""The prompt the model reads and the target it learns: one fixed, documented format.
+
+User message (parts present only; numbering follows them):
+
+    请阅读下面这首古典诗词，完成以下任务。
+    标题：<title>
+    作者：<author>                      (when known)
+    内容：<content>
+    一、解释下列词语在诗中的含义：
+    - <word>
+    二、把下列句子翻译成现代汉语：
+    - <sentence>
+    三、选出最符合这首诗词情感的一项：
+    A. <option>  ...  D. <option>
+    请只输出一个 JSON 对象，格式为：{"ans_qa_words": {"词语": "解释"}, "ans_qa_sents": {"句子": "译文"}, "choose_id": "选项字母"}
+
+Target: `json.dumps(answer, ensure_ascii=False)` with the default separators `", "` and `": "`, keys verbatim and
+in the question's order (the official scorer reads by position), parts in the order ans_qa_words, ans_qa_sents,
+choose_id, followed by the end-of-turn token. The constrained decoder forces exactly this skeleton, so any change
+here must keep `tests/test_prompt.py` green.
+
+With a chat template (Qwen's ChatML) the user message is rendered by it, with `enable_thinking=False` so Qwen3
+gets its empty think block; without one (base models such as Gemma-3-270M) the plain template is
+`<bos>` + user message + "\n\n答案：" and the target ends with EOS.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+from .data.records import Answer, Example, Question
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+PLAIN_ANSWER_CUE = "\n\n答案："
+_NUMERALS = "一二三"
+_FORMAT_HINT = ('请只输出一个 JSON 对象，格式为：{"ans_qa_words": {"词语": "解释"}, '
+                '"ans_qa_sents": {"句子": "译文"}, "choose_id": "选项字母"}')
+
+
+def render_user(question: Question) -> str:
+    lines = ["请阅读下面这首古典诗词，完成以下任务。", f"标题：{question.title}"]
+    if question.author:
+        lines.append(f"作者：{question.author}")
+    lines.append(f"内容：{question.content}")
+    tasks = []
+    if question.qa_words:
+        tasks.append(["解释下列词语在诗中的含义：", *(f"- {w}" for w in question.qa_words)])
+    if question.qa_sents:
+        tasks.append(["把下列句子翻译成现代汉语：", *(f"- {s}" for s in question.qa_sents)])
+    if question.choose:
+        tasks.append(["选出最符合这首诗词情感的一项：", *(f"{k}. {v}" for k, v in question.choose.items())])
+    for numeral, (head, *items) in zip(_NUMERALS, tasks):
+        lines += [f"{numeral}、{head}", *items]
+    lines.append(_FORMAT_HINT)
+    return "\n".join(lines)
+
+
+def answer_dict(answer: Answer) -> dict:
+    """The target object: only the parts the question asks, in canonical order."""
+    target: dict = {}
+    if answer.ans_qa_words:
+        target["ans_qa_words"] = answer.ans_qa_words
+    if answer.ans_qa_sents:
+        target["ans_qa_sents"] = answer.ans_qa_sents
+    if answer.choose_id is not None:
+        target["choose_id"] = answer.choose_id
+    return target
+
+
+def render_target(answer: Answer) -> str:
+    return json.dumps(answer_dict(answer), ensure_ascii=False)
+
+
+def _ids(encoded) -> list[int]:
+    """apply_chat_template returns a BatchEncoding in transformers 5 and a list before."""
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+@dataclass
+class PromptFormat:
+    """Token-level rendering of questions and targets for one tokenizer."""
+
+    tokenizer: object
+    system_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
+        self.end_ids = self._end_of_turn()
+
+    def _messages(self, question_text: str) -> list[dict]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*system, {"role": "user", "content": question_text}]
+
+    def _end_of_turn(self) -> list[int]:
+        """What closes the assistant turn: read off the template itself (`<|im_end|>` for ChatML,
+        `<end_of_turn>` for Gemma, `<|eot_id|>` for Llama 3); EOS for plain models."""
+        if self.chat:
+            marker = "答"
+            rendered = self.tokenizer.apply_chat_template(
+                [*self._messages("问"), {"role": "assistant", "content": marker}], tokenize=False,
+                enable_thinking=False)
+            suffix = rendered[rendered.rindex(marker) + len(marker):]
+            suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+            if suffix_ids:
+                return suffix_ids[:1]
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has neither a chat template nor an EOS token to end an answer with")
+        return [self.tokenizer.eos_token_id]
+
+    def prompt_ids(self, question: Question) -> list[int]:
+        text = render_user(question)
+        if self.chat:
+            return _ids(self.tokenizer.apply_chat_template(
+                self._messages(text), add_generation_prompt=True, tokenize=True, enable_thinking=False))
+        return self.tokenizer(text + PLAIN_ANSWER_CUE, add_special_tokens=True)["input_ids"]
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def target_ids(self, answer: Answer) -> list[int]:
+        return self.text_ids(render_target(answer)) + self.end_ids
+
+    def encode(self, example: Example) -> dict:
+        prompt, target = self.prompt_ids(example.question), self.target_ids(example.answer)
+        return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target,
+                "length": len(prompt) + len(target)}
+
+
+def tokenize_examples(examples: list[Example], fmt: PromptFormat, max_len: int):
+    """Tokenise once with `datasets.map`; keep `length` for the length-bucketing sampler.
+
+    Examples longer than max_len are dropped, never truncated (a cut target teaches a half answer), and counted.
+    Returns (dataset, number dropped).
+    """
+    import datasets
+
+    rows = [{"example": i} for i in range(len(examples))]
+    fingerprint = hashlib.sha1(repr([(e.question, e.answer) for e in examples]).encode()).hexdigest()
+    encoded = datasets.Dataset.from_list(rows).map(
+        lambda row: fmt.encode(examples[row["example"]]), remove_columns=["example"],
+        new_fingerprint=f"{fingerprint[:16]}-{type(fmt.tokenizer).__name__}", desc="tokenizing")
+    kept = encoded.filter(lambda row: row["length"] <= max_len, new_fingerprint=f"{fingerprint[:16]}-{max_len}")
+    dropped = len(encoded) - len(kept)
+    if dropped:
+        log.warning("dropped %d of %d examples longer than data.max_len=%d tokens (targets are never cut)",
+                    dropped, len(encoded), max_len)
+    return kept, dropped

@@ -1,0 +1,33 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TRAIN = ROOT.parent / "shared" / "data" / "ccpa2025" / "train-data"
+SAMPLE = ROOT / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from poetry.models.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from poetry.model import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture
+def shared_train():
+    if not SHARED_TRAIN.is_dir():
+        pytest.skip(f"official training data not found at {SHARED_TRAIN} (../shared is absent)")
+    return SHARED_TRAIN

@@ -1,0 +1,56 @@
+import pytest
+
+from poetry.config import Config, ConfigError, load_config, save_config
+
+from conftest import ROOT
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["train.lr=5e-5", "train.epochs=2", "lora.target_modules=[q_proj, v_proj]",
+                                "model.path=/models/x", "eval.bertscore_model=", "train.cpu=true"])
+    assert config.train.lr == 5e-5 and config.train.epochs == 2 and config.train.cpu is True
+    assert config.lora.target_modules == ["q_proj", "v_proj"] and config.eval.bertscore_model == ""
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  micro_batch_size: 2\nmodel:\n  path: /m\n")
+    config = load_config(path, ["train.micro_batch_size=8"])
+    assert config.train.lr == 1e-3 and config.train.micro_batch_size == 8 and config.model.path == "/m"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown key 'train.lrr' (did you mean 'lr'?); valid keys: seed, epochs"),
+    ("trian.lr=1", "unknown key 'trian' (did you mean 'train'?)"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not valid; choose one of fp32, bf16, fp16"),
+    ("train.epochs=two", "train.epochs: expected int, got 'two'"),
+    ("train.cpu=3", "train.cpu: expected bool, got 3"),
+    ("train.micro_batch_size=0", "train.micro_batch_size: must be at least 1, got 0"),
+    ("data.val_fraction=1.5", "data.val_fraction: must be in [0, 1)"),
+    ("train=3", "train: expected a section (mapping), got 3"),
+    ("train.lr", "must look like section.key=value"),
+])
+def test_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  optimizer: sgd\n")
+    with pytest.raises(ConfigError, match="bad.yaml: train.optimizer: 'sgd' is not valid; choose one of"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_snapshot_round_trips(tmp_path):
+    config = load_config(None, ["train.lr=3e-4", "lora.r=4"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), Config)

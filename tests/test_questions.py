@@ -1,0 +1,116 @@
+"""Question-building invariants: the adaptation of training poems to the eval task."""
+from dataclasses import replace
+
+import pytest
+
+from poetry.data import Poem, QuestionBuilder, align_sentences, clauses, emotion_words, load_poems, split_poems
+
+EMOTIONS = ["离别，思念", "思乡", "闲适、自得", "壮志难酬的悲愤", "怀古与感慨", "相思", "喜悦", "思念与孤独", None]
+
+
+def poem(i: int, emotion: str | None = "思乡", keywords: dict | None = None) -> Poem:
+    return Poem(title=f"诗{i}", content=f"第{i}首甲句，乙句。丙句，丁句。", trans="甲乙的译文。丙丁的译文。",
+                keywords={"甲句": "甲的意思。", "乙句": "乙的意思。"} if keywords is None else keywords,
+                emotion=emotion)
+
+
+@pytest.fixture
+def poems():
+    return [poem(i, e) for i, e in enumerate(EMOTIONS)]
+
+
+def test_clauses_keep_marks_and_drop_stanza_spaces():
+    assert clauses("上阕一句。上阕二句！\n　下阕一句？下阕二句") == ["上阕一句。", "上阕二句！", "下阕一句？", "下阕二句"]
+    assert clauses("连问？！再说。") == ["连问？！", "再说。"]
+
+
+def test_alignment_by_marks_lines_or_nothing():
+    marks = align_sentences("甲，乙。丙，丁；", "译甲乙。译丙丁；")
+    assert marks.method == "marks" and marks.pairs == (("甲，乙。", "译甲乙。"), ("丙，丁；", "译丙丁；"))
+    lines = align_sentences("甲，乙\n丙，丁。", "译甲乙。又一句。\n译丙丁")
+    assert lines.method == "lines" and lines.pairs == (("甲，乙", "译甲乙。又一句。"), ("丙，丁。", "译丙丁"))
+    merged = align_sentences("甲，乙。丙，丁。", "合并的译文。")
+    assert merged.method == "none" and merged.pairs == ()
+    assert align_sentences("一行。", "一行译文。但多一句。").pairs == ()  # one line each is no evidence
+
+
+def test_alignment_never_pairs_unequal_structures(shared_train):
+    for p in load_poems(shared_train).records:
+        alignment = align_sentences(p.content, p.trans)
+        if alignment.method == "marks":
+            assert len(clauses(p.content)) == len(clauses(p.trans)) == len(alignment.pairs)
+        elif alignment.method == "none":
+            assert not alignment.pairs
+
+
+def test_emotion_words():
+    assert emotion_words("离别，思念与期盼重聚、惆怅") == {"离别", "思念", "期盼重聚", "惆怅"}
+
+
+def test_one_right_option_and_disjoint_distractors(poems):
+    builder = QuestionBuilder(poems, seed=3)
+    for p in poems:
+        for epoch in range(5):
+            choice = builder.choose(p, epoch)
+            if p.emotion is None:
+                assert choice is None
+                continue
+            options, letter = choice
+            assert list(options) == ["A", "B", "C", "D"] and options[letter] == p.emotion
+            assert len(set(options.values())) == 4
+            for other in set(options) - {letter}:
+                assert not emotion_words(options[other]) & emotion_words(p.emotion)
+
+
+def test_too_few_disjoint_emotions_gives_no_emotion_part():
+    crowd = [poem(i, e) for i, e in enumerate(["思乡", "思乡与孤独", "孤独", "喜悦"])]
+    assert QuestionBuilder(crowd).choose(crowd[0], 0) is None  # only 喜悦 shares no word with 思乡
+
+
+def test_deterministic_per_seed_and_reshuffled_per_epoch(poems):
+    first, again = QuestionBuilder(poems, seed=1), QuestionBuilder(poems, seed=1)
+    assert first.epoch(0) == again.epoch(0)
+    epochs = [[e.question.choose for e in first.epoch(k)] for k in range(4)]
+    assert len({repr(e) for e in epochs}) == 4
+    letters = {first.choose(poems[0], k)[1] for k in range(12)}
+    assert len(letters) > 1
+    assert [e.question.choose for e in QuestionBuilder(poems, seed=2).epoch(0)] != epochs[0]
+
+
+def test_examples_carry_words_sentences_and_answer(poems):
+    builder = QuestionBuilder(poems)
+    (example,) = builder.examples(poems[1], epoch=0)
+    q, a = example.question, example.answer
+    assert q.qa_words == ("甲句", "乙句") and a.ans_qa_words == {"甲句": "甲的意思。", "乙句": "乙的意思。"}
+    assert q.qa_sents == ("第1首甲句，乙句。", "丙句，丁句。")
+    assert list(a.ans_qa_sents.values()) == ["甲乙的译文。", "丙丁的译文。"]
+    assert q.choose[a.choose_id] == "思乡"
+
+
+def test_empty_glosses_dropped_and_absent_words_kept(poems):
+    p = replace(poems[0], keywords={"甲句": " ", "题中词": "标题里的词。"})
+    (example,) = QuestionBuilder(poems).examples(p, 0)
+    assert example.answer.ans_qa_words == {"题中词": "标题里的词。"}
+
+
+def test_long_poems_split_into_eval_sized_questions(poems):
+    many = replace(poems[0], keywords={f"词{i}": f"义{i}。" for i in range(7)})
+    examples = QuestionBuilder(poems, max_items=3).examples(many, 0)
+    assert [len(e.question.qa_words) for e in examples] == [3, 2, 2]
+    assert [w for e in examples for w in e.question.qa_words] == [f"词{i}" for i in range(7)]
+    assert len({e.answer.choose_id for e in examples}) == 1  # one draw per (poem, epoch)
+
+
+def test_null_emotion_has_no_emotion_part(poems):
+    (example,) = QuestionBuilder(poems).examples(poems[-1], 0)
+    assert example.question.choose == {} and example.answer.choose_id is None
+
+
+def test_split_is_stable_disjoint_and_complete(shared_train):
+    poems = load_poems(shared_train).records
+    train, val = split_poems(poems, 0.1, seed=0)
+    assert len(train) + len(val) == len(poems) and 8 <= len(val) <= 30
+    assert not {p.key for p in train} & {p.key for p in val}
+    train2, val2 = split_poems(list(reversed(poems)), 0.1, seed=0)
+    assert {p.key for p in val2} == {p.key for p in val}
+    assert {p.key for p in split_poems(poems, 0.1, seed=1)[1]} != {p.key for p in val}
