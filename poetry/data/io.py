@@ -245,22 +245,31 @@ def load_answers(path: str | Path) -> list[Answer]:
     return loaded.records
 
 
-def check_submission(questions: list[Question], answers: list[Answer], file: str) -> None:
+def _asked(item: Question | Answer) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
+    """(idx, words, sentences) an answer must match: a question's lists, or the keys of a gold answer."""
+    if isinstance(item, Answer):
+        return item.idx, tuple(item.ans_qa_words), tuple(item.ans_qa_sents)
+    return item.idx, item.qa_words, item.qa_sents
+
+
+def check_submission(expected: list[Question] | list[Answer], answers: list[Answer], file: str) -> None:
     """What the official scorer enforces: one answer per question, in order, each answer present and non-empty.
 
-    The scorer reads answers by position, so a right key in the wrong place is still an error here.
+    `expected` is the questions, or the gold answers to them. The scorer reads answers by position, so a right key
+    in the wrong place is still an error here.
     """
-    if len(answers) != len(questions):
-        raise DataError([Issue(file, None, None, f"{len(answers)} answers for {len(questions)} questions")])
+    if len(answers) != len(expected):
+        raise DataError([Issue(file, None, None, f"{len(answers)} answers for {len(expected)} questions")])
     issues = []
-    for position, (question, answer) in enumerate(zip(questions, answers)):
+    for position, (item, answer) in enumerate(zip(expected, answers)):
         def bad(field: str, message: str, position: int = position) -> None:
             issues.append(Issue(file, position, field, message))
 
-        if answer.idx != question.idx:
-            bad("idx", f"is {answer.idx}, but question {position} has idx {question.idx} (answers are read in order)")
-        for field, asked, given in (("ans_qa_words", question.qa_words, answer.ans_qa_words),
-                                    ("ans_qa_sents", question.qa_sents, answer.ans_qa_sents)):
+        idx, words, sents = _asked(item)
+        if answer.idx != idx:
+            bad("idx", f"is {answer.idx}, but question {position} has idx {idx} (answers are read in order)")
+        for field, asked, given in (("ans_qa_words", words, answer.ans_qa_words),
+                                    ("ans_qa_sents", sents, answer.ans_qa_sents)):
             if tuple(given) != tuple(asked):
                 bad(field, f"keys {list(given)} differ from the question's {list(asked)} (same order required)")
         if answer.choose_id not in OPTION_LETTERS:

@@ -1,0 +1,107 @@
+"""Score a submission against gold answers with the task's metrics (see poetry.metrics).
+
+    python evaluate.py --pred submission.json --gold gold.json [--bertscore-model DIR] [--report out.json]
+
+The submission is first checked as the official scorer checks it (count, order, keys, non-empty answers, letters);
+any problem is one `error:` line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Before transformers is imported: its weight-loading bar would put carriage returns into logs
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from rich.console import Console
+from rich.table import Table
+
+from poetry.data import DataError, check_submission, load_answers
+from poetry.metrics import BertScore, MetricUnavailable, Scores, score_answers
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--pred", required=True, help="the submission: a JSON list of answers")
+    parser.add_argument("--gold", required=True, help="gold answers in the submission format")
+    parser.add_argument("--bertscore-model", help="local BERT directory (e.g. bert-base-chinese); without it "
+                                                  "BERTScore is off and the total incomplete")
+    parser.add_argument("--bertscore-layer", type=int, default=8, help="layer whose embeddings are compared")
+    parser.add_argument("--report", help="write aggregates and per-item scores to this JSON file")
+    return parser.parse_args(argv)
+
+
+def _error_line(err: DataError) -> str:
+    # The first problem, named by file, record and field, is enough to act on; the rest would flood the terminal
+    more = len(err.issues) - 1
+    return f"error: {err.issues[0]}" + (f" (and {more} more problems)" if more else "")
+
+
+def _bertscore(model_dir: str | None, layer: int) -> tuple[BertScore | None, str]:
+    if model_dir is None:
+        return None, "no --bertscore-model given"
+    try:
+        return BertScore(model_dir, layer), ""
+    except MetricUnavailable as err:
+        return None, str(err)
+
+
+def _table(scores: Scores, title: str) -> Table:
+    def shown(value: float | None, missing: str) -> str:
+        return missing if value is None else f"{value:.4f}"
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in ("bleu_words", "bleu_sents", "bertscore_words", "bertscore_sents"):
+        table.add_row(name, shown(getattr(scores, name), "off"))
+    table.add_row("accuracy", shown(scores.acc, "n/a"))
+    table.add_row("total", shown(scores.total, "incomplete"), style="bold")
+    table.add_section()
+    table.add_row("bleu_words_reweighed", shown(scores.bleu_words_reweighed, "n/a"))
+    table.add_row("bleu_sents_reweighed", shown(scores.bleu_sents_reweighed, "n/a"))
+    table.add_row("proxy_total (no BERTScore)", shown(scores.proxy_total, "n/a"))
+    return table
+
+
+def _write_report(scores: Scores, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(scores.to_dict(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        gold = load_answers(args.gold)
+        pred = load_answers(args.pred)
+        check_submission(gold, pred, args.pred)
+    except DataError as err:
+        print(_error_line(err), file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 2
+    scorer, off_reason = _bertscore(args.bertscore_model, args.bertscore_layer)
+    scores = score_answers(gold, pred, scorer, off_reason)
+
+    console = Console()
+    console.print(_table(scores, f"{args.pred} against {args.gold}"))
+    if scores.bertscore_off:
+        console.print(f"note: BERTScore is off ({scores.bertscore_off}), so the total is incomplete; "
+                      f"proxy_total = 0.5·acc + 0.5·mean(bleu_words, bleu_sents) is shown instead and is not "
+                      f"comparable with published totals.", highlight=False, soft_wrap=True)
+    if args.report:
+        try:
+            _write_report(scores, Path(args.report))
+        except OSError as err:
+            print(f"error: cannot write the report: {err.filename}: {err.strerror}", file=sys.stderr)
+            return 2
+        console.print(f"report written to {args.report}", highlight=False, soft_wrap=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
