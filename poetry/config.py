@@ -60,7 +60,7 @@ class DataConfig:
 class TrainConfig:
     seed: int = 0
     epochs: int = 3
-    max_steps: int = 0  # optimizer steps; 0 = run all epochs
+    max_steps: int = 0  # optimizer steps; overrides epochs when set (0 = run all epochs)
     micro_batch_size: int = 4
     grad_accum: int = 4  # micro-batches per optimizer step
     max_tokens_per_batch: int = 0  # token-budget batches (padded tokens) instead of a fixed size; 0 = off

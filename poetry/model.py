@@ -52,7 +52,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", for_trainin
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                     gradient_checkpointing_kwargs=checkpointing)
         elif cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
             # frozen embeddings give inputs without grad; reentrant checkpointing then drops the LoRA grads
             model.enable_input_require_grads()
     return model

@@ -1,0 +1,116 @@
+"""Feeding the loop: a length-bucketed batch sampler and a dynamic-padding collator.
+
+Bucketing sorts examples of similar length into the same batch, so padding stays small without giving up
+randomness: examples are shuffled, cut into mega-buckets of `bucket_multiplier` batches, sorted by length inside each
+bucket, batched, and the batch order is shuffled again. The most expensive batch goes first, so an out-of-memory
+shows at step 1 rather than an hour in.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .prompt import IGNORE_INDEX
+
+
+class LengthBucketBatchSampler:
+    """Batches of indices for one epoch at a time; every example exactly once per epoch on a single process.
+
+    Distributed: rank r takes batches r, r+W, r+2W, ...; when the batch count does not divide by W, the first
+    batches are repeated so every rank runs the same number of steps (a DDP step needs all ranks).
+    `state_dict()` records (epoch, batches consumed), so a resume continues mid-epoch at the same batch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, bucket_multiplier: int = 32,
+                 max_tokens: int = 0, num_replicas: int = 1, rank: int = 0):
+        if not lengths:
+            raise ValueError("no examples to batch")
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.bucket_size = batch_size * bucket_multiplier
+        self.max_tokens, self.num_replicas, self.rank = max_tokens, num_replicas, rank
+        self.epoch, self.consumed = 0, 0
+
+    def set_epoch(self, epoch: int, lengths: list[int] | None = None) -> None:
+        """Start an epoch; `lengths` change when the epoch's questions are re-drawn."""
+        if epoch != self.epoch:
+            self.consumed = 0
+        self.epoch = epoch
+        if lengths is not None:
+            self.lengths = list(lengths)
+
+    def _cost(self, batch: list[int]) -> int:
+        return len(batch) * max(self.lengths[i] for i in batch)  # padded tokens
+
+    def _split(self, bucket: list[int]) -> list[list[int]]:
+        if not self.max_tokens:
+            return [bucket[i:i + self.batch_size] for i in range(0, len(bucket), self.batch_size)]
+        batches, current = [], []
+        for index in bucket:  # longest first, so the first example of a batch fixes its padded length
+            if current and (len(current) + 1) * self.lengths[current[0]] > self.max_tokens:
+                batches.append(current)
+                current = []
+            current.append(index)
+        return batches + [current] if current else batches
+
+    def global_batches(self) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        batches = []
+        for start in range(0, len(order), self.bucket_size):
+            bucket = sorted(order[start:start + self.bucket_size], key=lambda i: -self.lengths[i])
+            batches += self._split(bucket)
+        costliest = sorted(range(len(batches)), key=lambda b: -self._cost(batches[b]))[:self.num_replicas]
+        rest = [batch for b, batch in enumerate(batches) if b not in costliest]
+        rng.shuffle(rest)
+        batches = [batches[b] for b in costliest] + rest
+        remainder = -len(batches) % self.num_replicas
+        return batches + batches[:remainder]
+
+    def rank_batches(self) -> list[list[int]]:
+        return self.global_batches()[self.rank::self.num_replicas]
+
+    def __len__(self) -> int:
+        return len(self.rank_batches())
+
+    def __iter__(self):
+        batches = self.rank_batches()
+        while self.consumed < len(batches):
+            self.consumed += 1
+            yield batches[self.consumed - 1]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed, self.seed = state["epoch"], state["consumed"], state["seed"]
+
+
+@dataclass
+class Collator:
+    """Right-pads a list of tokenised examples to the batch's longest (rounded up to a multiple, which lets tensor
+    cores use aligned shapes); labels are padded with IGNORE_INDEX so padding is never learned."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 8
+
+    def __call__(self, columns: dict[str, list]) -> dict[str, torch.Tensor]:
+        """`columns` as `dataset[indices]` returns them: {"input_ids": [[...], ...], "labels": [[...], ...]}."""
+        rows = list(zip(columns["input_ids"], columns["labels"]))
+        longest = max(len(ids) for ids, _ in rows)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),
+                 "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+                 "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)}
+        for i, (ids, labels) in enumerate(rows):
+            batch["input_ids"][i, :len(ids)] = torch.tensor(ids)
+            batch["attention_mask"][i, :len(ids)] = 1
+            batch["labels"][i, :len(ids)] = torch.tensor(labels)
+        return batch
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss: labels after the causal shift that are not ignored."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

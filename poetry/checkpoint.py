@@ -1,0 +1,128 @@
+"""LoRA-only checkpoints with everything needed to resume exactly.
+
+A checkpoint directory `checkpoints/step-000050/` holds:
+- adapter_config.json + adapter_model.safetensors (PEFT `save_pretrained`: loadable by `PeftModel.from_pretrained`
+  and by vLLM) — the frozen base is never copied (Accelerate's save_state would write all of it);
+- trainer_state.pt: optimizer, scheduler, scaler and sampler states, RNG states, counters;
+- config.yaml: the run's config snapshot.
+It is written under a temporary name and renamed when complete, so a crash never leaves a half checkpoint that
+`--resume auto` would pick. The last `keep_last` are kept, plus the best by the configured metric.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, save_config
+
+STATE_FILE = "trainer_state.pt"
+BEST_FILE = "best.json"
+PREFIX = "step-"
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             # numpy's tuple is unpacked into tensors and numbers so that weights_only=True can load it
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "gauss": gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories never match)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def save_checkpoint(root: Path, step: int, model, config: Config, state: dict) -> Path:
+    """Write atomically; `state` holds optimizer/scheduler/scaler/sampler state dicts and counters."""
+    final = root / f"{PREFIX}{step:06d}"
+    temporary = root / f".{final.name}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    model.save_pretrained(temporary)  # PEFT: adapter weights and config only
+    torch.save({**state, "rng": rng_state()}, temporary / STATE_FILE)
+    save_config(config, temporary / "config.yaml")
+    shutil.rmtree(final, ignore_errors=True)
+    temporary.rename(final)
+    return final
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """'' -> None; 'auto' -> the latest complete checkpoint under root (None when there is none); else the path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = checkpoint_dirs(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE})")
+    return path
+
+
+def run_dir_to_resume(resume: str, runs: Path = Path("runs")) -> Path | None:
+    """The run directory a resume continues in, when log.dir is not given: the checkpoint's own run for a path,
+    the newest run with a checkpoint for 'auto'."""
+    if resume and resume != "auto":
+        return Path(resume).resolve().parent.parent  # <run>/checkpoints/step-N
+    if resume == "auto" and runs.is_dir():
+        candidates = [run for run in runs.iterdir() if checkpoint_dirs(run / "checkpoints")]
+        return max(candidates, key=lambda run: run.stat().st_mtime) if candidates else None
+    return None
+
+
+def update_best(root: Path, step: int, metric: str, value: float, mode: str) -> bool:
+    """Record the checkpoint at `step` as best if `value` beats the recorded one; True when it does."""
+    best_file = root / BEST_FILE
+    best = json.loads(best_file.read_text()) if best_file.is_file() else None
+    better = best is None or (value < best["value"] if mode == "min" else value > best["value"])
+    if better:
+        root.mkdir(parents=True, exist_ok=True)
+        best_file.write_text(json.dumps({"step": step, "metric": metric, "value": value,
+                                         "path": f"{PREFIX}{step:06d}"}, indent=1))
+    return better
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last checkpoints, sparing the best."""
+    best_file = root / BEST_FILE
+    best = json.loads(best_file.read_text())["path"] if best_file.is_file() else None
+    complete = checkpoint_dirs(root)
+    for path in complete[:max(0, len(complete) - keep_last)]:
+        if path.name != best:
+            shutil.rmtree(path)
+
+
+def load_adapter(model, path: Path) -> None:
+    """Load saved LoRA weights into an already-wrapped PeftModel (exact: the same tensors that were saved)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: adapter does not match the model ({len(result.unexpected_keys)} unexpected keys, "
+                         f"e.g. {result.unexpected_keys[0]}); was it trained with another lora config?")

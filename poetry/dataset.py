@@ -1,0 +1,44 @@
+"""The task's data for one run: split poems, per-epoch training questions, tokenised datasets, validation set."""
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+
+from .config import DataConfig
+from .data import DataError, Example, Issue, QuestionBuilder, load_poems, split_poems
+from .prompt import PromptFormat, tokenize_examples
+
+log = logging.getLogger(__name__)
+
+
+class TaskData:
+    """Training questions are re-drawn each epoch (fresh emotion options), so each epoch is tokenised when first
+    asked for; validation questions are fixed (epoch 0 draw) so their curves are comparable across steps."""
+
+    def __init__(self, cfg: DataConfig, fmt: PromptFormat, seed: int):
+        self.cfg, self.fmt = cfg, fmt
+        loaded = load_poems(cfg.train, on_invalid=cfg.on_invalid)
+        if loaded.skipped_records:
+            log.warning("%s: %s", cfg.train, loaded.summary("poems"))
+        self.train_poems, self.val_poems = split_poems(loaded.records, cfg.val_fraction, cfg.split_seed)
+        if not self.train_poems:
+            raise DataError([Issue(cfg.train, None, None, f"no training poems left after the validation split "
+                                                          f"(data.val_fraction={cfg.val_fraction})")])
+        self.builder = QuestionBuilder(self.train_poems, seed=seed, max_items=cfg.max_items)
+        self._epochs: dict = {}
+
+    def train_epoch(self, epoch: int):
+        """Tokenised training examples of `epoch` (columns input_ids, labels, length)."""
+        if epoch not in self._epochs:
+            self._epochs = {epoch: tokenize_examples(self.builder.epoch(epoch), self.fmt, self.cfg.max_len)[0]}
+        return self._epochs[epoch]
+
+    @cached_property
+    def val_examples(self) -> list[Example]:
+        # distractors drawn from the validation poems' own emotions, so no training emotion leaks in as an option
+        builder = QuestionBuilder(self.val_poems, seed=self.builder.seed, max_items=self.cfg.max_items)
+        return builder.epoch(0)
+
+    @cached_property
+    def val_dataset(self):
+        return tokenize_examples(self.val_examples, self.fmt, self.cfg.max_len)[0] if self.val_examples else None

@@ -1,0 +1,128 @@
+"""Seeing what a run does: console lines, metrics.jsonl, PNG curves and optional trackers, all in one run directory.
+
+Only the main process writes. On a TTY a rich progress bar shows the run; elsewhere (CI, `nohup`, a log file) plain
+lines every `log.every` steps keep the log readable (no carriage returns, no escape codes).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .config import Config, save_config
+
+CURVES = {  # file -> metric prefixes drawn in it
+    "loss.png": ("train/loss", "val/loss"),
+    "lr.png": ("train/lr",),
+    "val.png": ("val/acc", "val/bleu_words", "val/bleu_sents", "val/bertscore_words", "val/bertscore_sents",
+                "val/proxy_total", "val/total"),
+}
+
+
+def quiet_libraries() -> None:
+    """tqdm bars from transformers/datasets write carriage returns into logs; the run's own console replaces them."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def default_run_dir() -> str:
+    return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def format_metrics(metrics: dict) -> str:
+    def fmt(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+        return str(value)
+
+    return "  ".join(f"{key.split('/')[-1] if key.startswith('train/') else key}={fmt(v)}"
+                     for key, v in metrics.items())
+
+
+class RunLog:
+    def __init__(self, cfg: Config, run_dir: Path, is_main: bool, tracker=None):
+        self.cfg, self.dir, self.is_main, self.tracker = cfg, run_dir, is_main, tracker
+        self.console = Console(force_interactive=False, highlight=False, soft_wrap=True)
+        self.history: list[dict] = []
+        self.progress: Progress | None = None
+        self.started = time.time()
+        if is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.dir / "config.yaml")
+            self.metrics_file = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
+
+    def print(self, *parts) -> None:
+        if self.is_main:
+            (self.progress.console if self.progress else self.console).print(*parts)
+
+    def start_progress(self, total_steps: int, done: int) -> None:
+        if self.is_main and sys.stdout.isatty():
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=total_steps, completed=done, status="")
+
+    def log(self, step: int, metrics: dict, echo: bool = True) -> None:
+        """Append to metrics.jsonl and trackers; print a line (or update the bar)."""
+        if not self.is_main:
+            return
+        record = {"step": step, "time": round(time.time() - self.started, 3), **metrics}
+        self.history.append(record)
+        self.metrics_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.metrics_file.flush()
+        if self.tracker is not None:
+            self.tracker.log(metrics, step=step)
+        if self.progress:
+            self.progress.update(self.task, completed=step, status=format_metrics(
+                {k: v for k, v in metrics.items() if k in ("train/loss", "train/lr")}))
+            if any(k.startswith("val/") for k in metrics):
+                self.print(f"step {step}  {format_metrics(metrics)}")
+        elif echo:
+            self.print(f"step {step}  {format_metrics(metrics)}")
+
+    def draw_curves(self) -> list[Path]:
+        """Redraw the PNG curves from everything logged so far."""
+        if not (self.is_main and self.cfg.log.curves and self.history):
+            return []
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        written = []
+        for name, keys in CURVES.items():
+            series = {k: [(r["step"], r[k]) for r in self.history if isinstance(r.get(k), (int, float))
+                          and math.isfinite(r[k])] for k in keys}
+            series = {k: v for k, v in series.items() if v}
+            if not series:
+                continue
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for key, points in series.items():
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=key)
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(self.dir / name, dpi=100)
+            plt.close(fig)
+            written.append(self.dir / name)
+        return written
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+        if self.is_main:
+            self.metrics_file.close()

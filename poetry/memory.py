@@ -1,0 +1,185 @@
+"""Memory: an estimate before any weight loads, and measured peaks per phase while training.
+
+    python -m poetry.memory --config configs/qwen2.5-7b-lora.yaml [section.key=value ...] [--budget-gb 32]
+
+The estimate reads only config.json and adds up weights (by dtype or quantization), LoRA parameters, their
+gradients and optimizer state, activations (with or without checkpointing) for the worst-case micro-batch, and
+target-only logits. Activation figures are first-order (the tensors a decoder layer saves for backward), so treat
+the total as a planning number and check it with the measured peaks (metrics.jsonl, mem/*).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config, ConfigError, load_config
+
+GB = 1024**3
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
+# bitsandbytes: int8 plus a per-row scale; nf4/fp4 packs two weights a byte plus an fp32 absmax per 64 weights,
+# which double quantization stores as int8 with an fp32 constant per 256 blocks
+QUANTIZED_BYTES = {"8bit": 1.0 + 4 / 4096, "4bit": 0.5 + 4 / 64, "4bit+dq": 0.5 + 1 / 64 + 4 / (64 * 256)}
+OPTIMIZER_BYTES = {"adamw": 8.0, "paged_adamw": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0}
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CUDA_OVERHEAD_GB = 0.8  # CUDA context, cuBLAS workspace, allocator fragmentation: measured 0.5-1 GB typically
+
+
+@dataclass(frozen=True)
+class Shape:
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config) -> "Shape":
+        config = getattr(config, "text_config", config)
+        heads = config.num_attention_heads
+        return cls(vocab=config.vocab_size, hidden=config.hidden_size, layers=config.num_hidden_layers,
+                   intermediate=config.intermediate_size, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer in one decoder block (gated MLP, grouped-query attention)."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def block_params(self) -> int:
+        return sum(a * b for a, b in self.linears().values()) + 2 * self.hidden
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+
+def estimate(cfg: Config, shape: Shape, device: str = "cuda") -> list[tuple[str, float, str]]:
+    """Rows of (what, GiB, how it was counted)."""
+    m, t = cfg.model, cfg.train
+    base = shape.layers * shape.block_params
+    quant = "4bit+dq" if m.quantization == "4bit" and m.double_quant else m.quantization
+    per_weight = QUANTIZED_BYTES.get(quant, WEIGHT_BYTES[m.dtype])
+    targets = shape.linears() if cfg.lora.target_modules == ["all-linear"] else \
+        {k: v for k, v in shape.linears().items() if k in cfg.lora.target_modules}
+    lora = shape.layers * sum(cfg.lora.r * (a + b) for a, b in targets.values())
+    act_bytes = 2.0 if t.precision != "fp32" else 4.0
+    tokens = t.micro_batch_size * cfg.data.max_len if not t.max_tokens_per_batch else t.max_tokens_per_batch
+    h, i = shape.hidden, shape.intermediate
+    kv = 2 * shape.kv_heads * shape.head_dim
+    # saved for backward per token and layer: norm outputs, q/k/v, attention output, MLP gate/up/act/product,
+    # and the dropout-masked inputs of each LoRA-wrapped linear
+    per_layer = act_bytes * (6 * h + kv + 4 * i + len(targets) * h)
+    if m.gradient_checkpointing:
+        activations = tokens * (shape.layers * act_bytes * h + per_layer)  # layer inputs + one layer recomputed
+        how = f"{tokens} tokens; checkpointed: layer inputs + one layer"
+    else:
+        activations = tokens * shape.layers * per_layer
+        how = f"{tokens} tokens x {shape.layers} layers"
+    logits = (tokens // 2) * shape.vocab * 12  # fp32 logits, softmax and grad for ~half the tokens (targets)
+    rows = [
+        ("base weights", base * per_weight / GB, f"{base / 1e9:.2f}B params, {quant if quant != 'none' else m.dtype}"),
+        ("embeddings + lm_head", shape.embedding_params * WEIGHT_BYTES[m.dtype] / GB,
+         f"{shape.embedding_params / 1e9:.2f}B params, {m.dtype} ({'tied' if shape.tied else 'untied'})"),
+        ("LoRA weights (fp32)", lora * 4 / GB, f"{lora / 1e6:.1f}M params, r={cfg.lora.r}"),
+        ("LoRA gradients (fp32)", lora * 4 / GB, ""),
+        ("optimizer state", lora * OPTIMIZER_BYTES[t.optimizer] / GB, t.optimizer),
+        ("activations", activations / GB, how),
+        ("target-only logits", logits / GB, f"~{tokens // 2} target tokens x {shape.vocab} vocab, fp32"),
+    ]
+    if device == "cuda":
+        rows.append(("CUDA context + allocator", CUDA_OVERHEAD_GB, "typical"))
+    return rows
+
+
+def estimate_table(cfg: Config, budget_gb: float = 32.0):
+    from rich.table import Table
+    from transformers import AutoConfig
+
+    shape = Shape.from_config(AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code))
+    rows = estimate(cfg, shape)
+    total = sum(gb for _, gb, _ in rows)
+    table = Table(title=f"memory estimate: {cfg.model.path}")
+    for column, justify in (("what", "left"), ("GiB", "right"), ("counted as", "left")):
+        table.add_column(column, justify=justify)
+    for what, gb, how in rows:
+        table.add_row(what, f"{gb:.2f}", how)
+    verdict = "fits" if total <= budget_gb else "DOES NOT FIT"
+    table.add_row(f"total ({verdict} in {budget_gb:g} GiB)", f"{total:.2f}", "", style="bold")
+    return table, total
+
+
+class MemoryMonitor:
+    """Peak memory per phase (forward, backward, optimizer, eval): allocated and reserved on CUDA, process RSS on
+    CPU (RSS peaks cannot be reset, so CPU reports one running peak)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.peaks: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        if self.cuda:
+            for kind, value in (("alloc", torch.cuda.max_memory_allocated(self.device)),
+                                ("reserved", torch.cuda.max_memory_reserved(self.device))):
+                key = f"mem/{name}_{kind}_gb"
+                self.peaks[key] = max(self.peaks.get(key, 0.0), value / GB)
+
+    def summary(self) -> dict[str, float]:
+        rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # Linux reports KiB
+        return {**{k: round(v, 3) for k, v in self.peaks.items()}, "mem/peak_rss_gb": round(rss_gb, 3)}
+
+
+class CudaSnapshot:
+    """Records allocator history from start() to stop() and dumps it for https://pytorch.org/memory_viz."""
+
+    def __init__(self, path, enabled: bool):
+        self.path = path
+        self.active = enabled and torch.cuda.is_available()
+
+    def start(self) -> None:
+        if self.active:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+
+    def stop(self) -> None:
+        if self.active:
+            torch.cuda.memory._dump_snapshot(str(self.path))
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.active = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(prog="python -m poetry.memory", description="Estimate peak training memory.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--budget-gb", type=float, default=32.0)
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        table, _ = estimate_table(cfg, args.budget_gb)
+    except (ConfigError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

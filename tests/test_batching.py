@@ -1,0 +1,90 @@
+"""Length-bucketed sampler and collator invariants."""
+import pytest
+import torch
+
+from poetry.batching import Collator, LengthBucketBatchSampler, target_tokens
+from poetry.prompt import IGNORE_INDEX
+
+LENGTHS = [(i * 37) % 101 + 5 for i in range(103)]
+
+
+def epoch_batches(sampler, epoch):
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_every_example_exactly_once_per_epoch():
+    sampler = LengthBucketBatchSampler(LENGTHS, batch_size=8, seed=1, bucket_multiplier=4)
+    for epoch in range(3):
+        flat = [i for batch in epoch_batches(sampler, epoch) for i in batch]
+        assert sorted(flat) == list(range(len(LENGTHS)))
+
+
+def test_buckets_reduce_padding_and_costliest_batch_first():
+    sampler = LengthBucketBatchSampler(LENGTHS, batch_size=8, seed=1, bucket_multiplier=4)
+    batches = epoch_batches(sampler, 0)
+    cost = lambda b: len(b) * max(LENGTHS[i] for i in b)
+    assert cost(batches[0]) == max(map(cost, batches))
+    padded = sum(map(cost, batches))
+    unsorted = sum(len(b) * max(LENGTHS[i] for i in b)
+                   for b in (list(range(k, min(k + 8, 103))) for k in range(0, 103, 8)))
+    assert padded < 0.8 * unsorted
+
+
+def test_order_is_seeded_and_changes_per_epoch():
+    a = LengthBucketBatchSampler(LENGTHS, 8, seed=1)
+    b = LengthBucketBatchSampler(LENGTHS, 8, seed=1)
+    assert epoch_batches(a, 0) == epoch_batches(b, 0)
+    assert epoch_batches(a, 1) != epoch_batches(b, 0)
+    assert epoch_batches(LengthBucketBatchSampler(LENGTHS, 8, seed=2), 0) != epoch_batches(b, 0)
+
+
+def test_token_budget_batches():
+    sampler = LengthBucketBatchSampler(LENGTHS, batch_size=1, seed=0, bucket_multiplier=200, max_tokens=300)
+    batches = epoch_batches(sampler, 0)
+    assert all(len(b) * max(LENGTHS[i] for i in b) <= 300 or len(b) == 1 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(len(LENGTHS)))
+    assert max(map(len, batches)) > 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_get_distinct_batches_and_equal_counts(world):
+    samplers = [LengthBucketBatchSampler(LENGTHS, 8, seed=4, num_replicas=world, rank=r) for r in range(world)]
+    per_rank = [epoch_batches(s, 0) for s in samplers]
+    assert len({len(batches) for batches in per_rank}) == 1
+    everything = [i for batches in per_rank for b in batches for i in b]
+    assert set(everything) == set(range(len(LENGTHS)))
+    total_batches = len(LengthBucketBatchSampler(LENGTHS, 8, seed=4).global_batches())
+    assert len(everything) - len(LENGTHS) <= (world - 1) * 8 and len(per_rank[0]) * world >= total_batches
+    cost = lambda b: len(b) * max(LENGTHS[i] for i in b)
+    costliest = sorted(map(cost, LengthBucketBatchSampler(LENGTHS, 8, seed=4).global_batches()))[-world:]
+    assert sorted(cost(batches[0]) for batches in per_rank) == costliest  # every rank meets its OOM at step 1
+
+
+def test_resume_mid_epoch_continues_at_the_same_batch():
+    sampler = LengthBucketBatchSampler(LENGTHS, 8, seed=3)
+    sampler.set_epoch(2)
+    it = iter(sampler)
+    seen = [next(it) for _ in range(5)]
+    state = sampler.state_dict()
+    resumed = LengthBucketBatchSampler(LENGTHS, 8, seed=0)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)
+    assert seen + list(resumed) == epoch_batches(LengthBucketBatchSampler(LENGTHS, 8, seed=3), 2)
+    resumed.set_epoch(3)
+    assert len(list(resumed)) == len(sampler)  # a new epoch starts from its first batch
+
+
+def test_collator_pads_dynamically_to_a_multiple():
+    rows = {"input_ids": [[5, 6, 7], [8] * 10], "labels": [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 5 + [8] * 5]}
+    batch = Collator(pad_token_id=0, pad_to_multiple_of=8)(rows)
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["input_ids"][0].tolist() == [5, 6, 7] + [0] * 13
+    assert batch["attention_mask"].sum(1).tolist() == [3, 10]
+    assert (batch["labels"][0, 3:] == IGNORE_INDEX).all() and batch["labels"][1, 5:10].tolist() == [8] * 5
+    assert target_tokens(batch) == 2 + 5
+
+
+def test_collator_keeps_exact_multiple():
+    batch = Collator(pad_token_id=0, pad_to_multiple_of=4)({"input_ids": [[1] * 8], "labels": [[1] * 8]})
+    assert batch["input_ids"].shape == (1, 8) and torch.equal(batch["attention_mask"], torch.ones(1, 8).long())

@@ -1,0 +1,144 @@
+"""Model machinery on tiny models: target-only loss, checkpointing, adapter dtype, optimizer groups, schedule."""
+import math
+
+import pytest
+import torch
+
+from poetry.config import Config, LoraConfig, ModelConfig, TrainConfig, load_config
+from poetry.loss import TargetOnlyLoss, full_logits_loss
+from poetry.memory import Shape, estimate
+from poetry.model import add_lora, load_model, trainable_parameters
+from poetry.models.tiny import ARCHITECTURES, build_tiny
+from poetry.optim import build_optimizer, lr_lambda, parameter_groups
+from poetry.prompt import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("archs")
+    return {arch: build_tiny(root / arch, arch) for arch in ARCHITECTURES}
+
+
+def lora_model(path, dropout=0.0, **model_kwargs):
+    model = add_lora(load_model(ModelConfig(path=str(path), dtype="fp32", **model_kwargs)), LoraConfig(dropout=dropout))
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; random B makes the adapter matter
+            param.data.normal_(0, 0.05)
+    return model
+
+
+def batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 5000, (3, 20), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 14:] = 0
+    mask[2, 9:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :6] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_target_only_loss_equals_full_logits_loss(tiny_dirs, arch):
+    model = lora_model(tiny_dirs[arch])
+    fast, n_fast = TargetOnlyLoss(model)(**batch())
+    full, n_full = full_logits_loss(model, **batch())
+    assert n_fast == n_full == 14 + 8 + 3 - 0  # positions 6.. with a next token inside the mask
+    assert abs(fast.item() - full.item()) / full.item() < 1e-5
+
+
+def test_gemma_softcapping_is_applied(tiny_dirs):
+    model = lora_model(tiny_dirs["gemma3"])
+    assert model.config.final_logit_softcapping == 30.0  # Gemma 3's real value: ~identity on tiny random logits
+    model.config.final_logit_softcapping = 0.01  # so here a cap that bites
+    loss = TargetOnlyLoss(model)
+    with_cap, full = loss(**batch())[0], full_logits_loss(model, **batch())[0]
+    assert abs(with_cap.item() - full.item()) / full.item() < 1e-5
+    loss.softcap = None
+    assert abs(loss(**batch())[0].item() - with_cap.item()) > 1e-3  # ignoring the quirk would be caught
+
+
+def grads(model, **data):
+    model.zero_grad()
+    loss, n = TargetOnlyLoss(model)(**data)
+    (loss / n).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_dirs, reentrant):
+    plain = grads(lora_model(tiny_dirs["qwen3"]), **batch())
+    checkpointed_model = lora_model(tiny_dirs["qwen3"], gradient_checkpointing=True, checkpointing_reentrant=reentrant)
+    checkpointed_model.train()
+    assert checkpointed_model.base_model.model.is_activation_checkpointing
+    checkpointed = grads(checkpointed_model, **batch())
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6, rtol=1e-5), name
+        assert plain[name].abs().sum() > 0
+
+
+def test_adapters_stay_fp32_over_a_half_precision_base(tiny_dirs):
+    model = add_lora(load_model(ModelConfig(path=str(tiny_dirs["qwen3"]), dtype="fp16")), LoraConfig())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert any(p.dtype == torch.float16 for p in model.parameters() if not p.requires_grad)
+    n_trainable, n_total = trainable_parameters(model)
+    assert n_trainable == sum(p.numel() for p in trainable) < n_total
+
+
+def test_lora_targets_all_linear_layers_by_default(tiny_dirs):
+    model = lora_model(tiny_dirs["qwen3"])
+    wrapped = {name.split(".")[-2] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= {
+        n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert "lm_head" not in str(wrapped)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert [p.ndim for p in decay["params"]] == [2] and decay["weight_decay"] == 0.1
+    assert [p.ndim for p in no_decay["params"]] == [1, 1, 1] and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["paged_adamw_8bit", "adamw_8bit", "adamw"])
+def test_optimizers_step_on_cpu(name):
+    model = torch.nn.Linear(128, 64)
+    optimizer = build_optimizer(model, TrainConfig(optimizer=name, lr=1e-2))
+    before = model.weight.detach().clone()
+    model(torch.randn(2, 128)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.weight)
+
+
+def test_schedule_warmup_then_decay_to_floor():
+    values = [lr_lambda(s, warmup=4, total=20, kind="cosine", min_ratio=0.1) for s in range(25)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert math.isclose(values[20], 0.1) and math.isclose(values[24], 0.1)
+    assert math.isclose(lr_lambda(12, 4, 20, "linear", 0.0), 0.5)
+    assert lr_lambda(15, 4, 20, "constant", 0.1) == 1.0
+
+
+def qwen25_7b_shape():
+    return Shape(vocab=152064, hidden=3584, layers=28, intermediate=18944, heads=28, kv_heads=4, head_dim=128,
+                 tied=False)
+
+
+def test_memory_estimate_counts_qwen25_7b_parameters():
+    shape = qwen25_7b_shape()
+    total = shape.layers * shape.block_params + shape.embedding_params
+    assert abs(total - 7.615e9) / 7.615e9 < 0.01  # Qwen2.5-7B has 7.61B parameters
+
+
+def test_memory_estimate_rows_follow_the_config():
+    cfg = Config()
+    bf16 = {what: gb for what, gb, _ in estimate(cfg, qwen25_7b_shape())}
+    assert abs(bf16["base weights"] - 6.53e9 * 2 / 1024**3) < 0.2
+    cfg4 = load_config(None, ["model.quantization=4bit"])
+    four_bit = {what: gb for what, gb, _ in estimate(cfg4, qwen25_7b_shape())}
+    assert 0.25 < four_bit["base weights"] / bf16["base weights"] < 0.30
+    checkpointed = load_config(None, ["model.gradient_checkpointing=true"])
+    assert {w: gb for w, gb, _ in estimate(checkpointed, qwen25_7b_shape())}["activations"] < bf16["activations"] / 5

@@ -1,0 +1,213 @@
+"""train.py end to end on a tiny Qwen3: the loop's promises, each checked on real runs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, SAMPLE
+from poetry.config import load_config
+from poetry.data import load_poems
+
+sys.path.insert(0, str(ROOT))
+import train as train_script  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator():
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def few_poems(tmp_path_factory):
+    """Eight sample poems as one JSON list: ~20 questions, a few seconds per run."""
+    poems = load_poems(SAMPLE / "train-data").records[:8]
+    path = tmp_path_factory.mktemp("data") / "poems.json"
+    path.write_text(json.dumps([{"title": p.title, "content": p.content, "keywords": p.keywords, "trans": p.trans,
+                                 "emotion": p.emotion} for p in poems], ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def config(tiny_model_dir, data, run_dir, *overrides):
+    """configs/tiny.yaml, made cheaper: one word and one sentence per question keeps targets short, and targets
+    through the 152k-id output layer are what a tiny model's step costs."""
+    return load_config(ROOT / "configs" / "tiny.yaml", [
+        f"model.path={tiny_model_dir}", f"data.train={data}", f"log.dir={run_dir}", "eval.decode=false",
+        "log.curves=false", "data.max_items=1", "train.micro_batch_size=2", *overrides])
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(path) -> dict[str, torch.Tensor]:
+    return load_file(Path(path) / "adapter_model.safetensors")
+
+
+def test_tiny_overfit_drives_loss_down(tiny_model_dir, few_poems, tmp_path):
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps(json.loads(few_poems.read_text(encoding="utf-8"))[:2], ensure_ascii=False))
+    cfg = config(tiny_model_dir, two, tmp_path, "data.val_fraction=0", "train.max_steps=20", "train.epochs=30",
+                 "train.lr=1e-2", "train.scheduler=constant", "train.grad_accum=1", "lora.r=16", "lora.alpha=32",
+                 "eval.every=0", "data.max_items=100", "lora.dropout=0")
+    train_script.train(cfg)
+    losses = [m["train/loss"] for m in metrics(tmp_path) if "train/loss" in m]
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:2]) / 2
+
+
+def test_run_directory_checkpoints_and_curves(tiny_model_dir, few_poems, tmp_path):
+    cfg = config(tiny_model_dir, few_poems, tmp_path, "train.max_steps=6", "train.save_every=2", "train.keep_last=1",
+                 "eval.every=2", "log.curves=true", "data.val_fraction=0.3")
+    run_dir, model = train_script.train(cfg)
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoints", "loss.png", "lr.png"}
+    records = metrics(run_dir)
+    step_keys = {"train/loss", "train/lr", "train/grad_norm", "train/loss_scale", "train/skipped_steps",
+                 "train/tokens_per_s", "train/target_tokens_per_s", "train/padding_efficiency", "mem/peak_rss_gb"}
+    assert step_keys <= set(records[0]) and 0 < records[0]["train/padding_efficiency"] <= 1
+    assert [r["step"] for r in records if "val/loss" in r] == [2, 4, 6]
+    checkpoints = run_dir / "checkpoints"
+    best = json.loads((checkpoints / "best.json").read_text())
+    kept = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())
+    assert kept == sorted({"step-000006", best["path"]})  # keep_last=1 plus the best
+    assert {p.name for p in (checkpoints / "step-000006").iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "README.md", "trainer_state.pt", "config.yaml"}
+    assert not list(checkpoints.glob(".*tmp"))
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                       checkpoints / "step-000006")
+    saved = adapter(checkpoints / "step-000006")
+    state = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert len(saved) == len(state) and all(torch.equal(v, model.state_dict()[k.replace(".weight", ".default.weight")])
+                                            for k, v in saved.items())
+
+
+def test_resume_is_bitwise_exact(tiny_model_dir, few_poems, tmp_path):
+    """10 steps straight vs 5 steps, a fresh process state, then 5 more: identical adapters (dropout on, epochs
+    crossed mid-way, so RNG, sampler and optimizer states all matter)."""
+    common = ("train.max_steps=10", "train.save_every=5", "train.keep_last=3", "eval.every=0", "lora.dropout=0.1",
+              "data.val_fraction=0", "train.epochs=10", "data.max_items=3")
+    straight = tmp_path / "straight"
+    train_script.train(config(tiny_model_dir, few_poems, straight, *common))
+    epochs = {m["train/epoch"] for m in metrics(straight)}
+    assert len(epochs) > 1
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    os.rename(straight / "checkpoints" / "step-000005", interrupted / "checkpoints" / "step-000005")
+    torch.manual_seed(1234)  # a different process state must not matter
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_script.train(config(tiny_model_dir, few_poems, interrupted, *common, "train.resume=auto"))
+    a, b = adapter(straight / "checkpoints" / "step-000010"), adapter(interrupted / "checkpoints" / "step-000010")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed_steps = [m["step"] for m in metrics(interrupted) if "train/loss" in m]
+    assert resumed_steps == [6, 7, 8, 9, 10]
+
+
+def captured_gradients(monkeypatch):
+    """Record the accumulated LoRA gradients at the moment the loop clips them."""
+    captured = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        captured.append([p.grad.clone() for p in parameters])
+        return original(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    return captured
+
+
+@pytest.mark.parametrize("micro, accum", [(2, 2), (1, 4)])
+def test_accumulation_matches_one_big_batch(tiny_model_dir, few_poems, tmp_path, monkeypatch, micro, accum):
+    """With loss normalised by the step's target tokens, 2x2 and 1x4 micro-batching give the 4x1 gradient."""
+    def gradient(micro_batch, grad_accum, run):
+        captured = captured_gradients(monkeypatch)
+        train_script.train(config(tiny_model_dir, few_poems, tmp_path / run, "train.max_steps=1", "lora.dropout=0",
+                                  f"train.micro_batch_size={micro_batch}", f"train.grad_accum={grad_accum}",
+                                  "data.val_fraction=0", "eval.every=0", "train.precision=fp32",
+                                  "data.max_items=100"))  # one question per poem: 8 examples
+        monkeypatch.undo()
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return captured[0]
+
+    # a window of all 8 examples either way: 8x1 against micro x accum covering 8 as well
+    big = gradient(8, 1, "big")
+    small = gradient(micro * 2, accum, "small")
+    assert len(big) == len(small) > 0
+    for g_big, g_small in zip(big, small):
+        assert torch.allclose(g_big, g_small, atol=1e-7, rtol=1e-4)
+
+
+def test_fp16_scaler_skips_and_counts_an_inf_step(tiny_model_dir, few_poems, tmp_path, monkeypatch):
+    """fp16 autocast + GradScaler on CPU; an inf gradient injected at the 3rd backward makes that step skipped."""
+    backward_calls = []
+    original_add_lora = train_script.add_lora
+
+    def add_lora_with_fault(model, cfg):
+        model = original_add_lora(model, cfg)
+        param = next(p for p in model.parameters() if p.requires_grad)
+        param.register_hook(lambda grad: grad * float("inf") if len(backward_calls) == 2 else grad)
+        param.register_hook(lambda grad: backward_calls.append(1) or grad)
+        return model
+
+    monkeypatch.setattr(train_script, "add_lora", add_lora_with_fault)
+    cfg = config(tiny_model_dir, few_poems, tmp_path, "train.precision=fp16", "model.dtype=fp32", "train.max_steps=4",
+                 "train.grad_accum=1", "train.micro_batch_size=1", "eval.every=0", "data.val_fraction=0")
+    train_script.train(cfg)
+    steps = [m for m in metrics(tmp_path) if "train/loss" in m]
+    assert [m["train/skipped_steps"] for m in steps] == [0, 0, 1, 1]
+    assert steps[2]["train/loss_scale"] == steps[1]["train/loss_scale"] / 2
+    assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in steps)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, few_poems):
+    assert train_script.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "train.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown key 'train.lrr'") and "\n" not in err
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"title": "t"}]', encoding="utf-8")
+    assert train_script.main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.train={bad}",
+                              f"log.dir={tmp_path / 'run'}"]) == 2
+    assert "bad.json:record 0: field 'content': missing field" in capsys.readouterr().err
+
+
+def test_two_processes_on_cpu_sync_gradients(tiny_model_dir, few_poems, tmp_path):
+    """torchrun with 2 ranks on CPU (gloo): both ranks end with the same adapter; only rank 0 writes."""
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import os, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import train
+from poetry.config import load_config
+from peft import get_peft_model_state_dict
+cfg = load_config({str(ROOT / 'configs' / 'tiny.yaml')!r}, ["model.path={tiny_model_dir}", "data.train={few_poems}",
+    "log.dir={tmp_path / 'run'}", "eval.decode=false", "log.curves=false", "train.max_steps=3", "train.cpu=true",
+    "data.val_fraction=0.25", "eval.every=2", "lora.dropout=0.1"])
+run_dir, model = train.train(cfg)
+rank = int(os.environ["RANK"])  # the process group is gone after end_training
+torch.save(get_peft_model_state_dict(model), {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any(not torch.equal(rank0[k], torch.zeros_like(rank0[k])) for k in rank0 if "lora_B" in k)
+    lines = metrics(tmp_path / "run")
+    assert [m["step"] for m in lines if "train/loss" in m] == [1, 2, 3]  # one writer: no duplicated lines
+    assert "processes: 2" in result.stdout
