@@ -73,6 +73,9 @@ def train(cfg):
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != world:  # torchrun on CPU without cpu=True: N independent runs that each believe they are rank 0
         raise ConfigError(f"{launched} processes were launched but Accelerate sees {world}; on CPU set train.cpu=true")
+    if device.type == "cpu" and cfg.model.quantization == "4bit" and cfg.eval.every:
+        raise ConfigError("model.quantization=4bit on CPU: bitsandbytes breaks the training step after an in-loop "
+                          "no_grad forward (silently wrong LoRA gradients on Llama); use 8bit or none, or eval.every=0")
     chosen = cfg.log.dir or run_dir_to_resume(cfg.train.resume) or default_run_dir()
     run_dir = Path(broadcast_object_list([str(chosen)])[0])  # one directory for all ranks
     cfg.log.dir = str(run_dir)

@@ -1,5 +1,6 @@
 """Model machinery on tiny models: target-only loss, checkpointing, adapter dtype, optimizer groups, schedule."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,27 @@ def test_memory_estimate_rows_follow_the_config():
     assert 0.25 < four_bit["base weights"] / bf16["base weights"] < 0.30
     checkpointed = load_config(None, ["model.gradient_checkpointing=true"])
     assert {w: gb for w, gb, _ in estimate(checkpointed, qwen25_7b_shape())}["activations"] < bf16["activations"] / 5
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_base_gives_lora_gradients(tiny_dirs, quantization):
+    model = add_lora(load_model(ModelConfig(path=str(tiny_dirs["qwen3"]), dtype="bf16", quantization=quantization,
+                                            gradient_checkpointing=True)), LoraConfig())
+    quantized = type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__
+    assert quantized == {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}[quantization]
+    gradients = grads(model, **batch())
+    assert gradients and all(g.abs().sum() > 0 for name, g in gradients.items() if "lora_B" in name)  # A waits on B=0
+
+
+def test_memory_cli_on_a_config_json(tmp_path, capsys):
+    from transformers import Qwen2Config
+
+    from poetry.memory import main
+
+    Qwen2Config(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
+                num_attention_heads=28, num_key_value_heads=4).save_pretrained(tmp_path)
+    config_file = Path(__file__).resolve().parents[1] / "configs" / "qwen2.5-7b-lora.yaml"
+    assert main(["--config", str(config_file), f"model.path={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "base weights" in out and "6.53B params" in out and "fits in 32 GiB" in out
+    assert main(["--config", str(config_file), "model.path=/nonexistent/dir"]) == 2

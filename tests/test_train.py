@@ -183,6 +183,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys, few_poems):
     assert train_script.main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.train={bad}",
                               f"log.dir={tmp_path / 'run'}"]) == 2
     assert "bad.json:record 0: field 'content': missing field" in capsys.readouterr().err
+    assert train_script.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "model.quantization=4bit",
+                              "model.dtype=bf16", f"log.dir={tmp_path / 'q'}"]) == 2
+    assert "model.quantization=4bit on CPU" in capsys.readouterr().err
 
 
 def test_two_processes_on_cpu_sync_gradients(tiny_model_dir, few_poems, tmp_path):
