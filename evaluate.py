@@ -1,6 +1,7 @@
 """Score a submission against gold answers with the task's metrics (see poetry.metrics).
 
     python evaluate.py --pred submission.json --gold gold.json [--bertscore-model DIR] [--report out.json]
+    python evaluate.py --pred zero_shot.json --pred finetuned.json --gold gold.json ...   (side by side)
 
 The submission is first checked as the official scorer checks it (count, order, keys, non-empty answers, letters);
 any problem is one `error:` line on stderr and exit code 2.
@@ -25,7 +26,9 @@ from poetry.metrics import BertScore, MetricUnavailable, Scores, score_answers
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--pred", required=True, help="the submission: a JSON list of answers")
+    parser.add_argument("--pred", required=True, action="append",
+                        help="a submission (JSON list of answers); repeat to compare several side by side")
+    parser.add_argument("--label", action="append", help="column name for each --pred (default: file name)")
     parser.add_argument("--gold", required=True, help="gold answers in the submission format")
     parser.add_argument("--bertscore-model", help="local BERT directory (e.g. bert-base-chinese); without it "
                                                   "BERTScore is off and the total incomplete")
@@ -49,35 +52,47 @@ def _bertscore(model_dir: str | None, layer: int) -> tuple[BertScore | None, str
         return None, str(err)
 
 
-def _table(scores: Scores, title: str) -> Table:
+def _table(runs: dict[str, Scores], title: str) -> Table:
     def shown(value: float | None, missing: str) -> str:
         return missing if value is None else f"{value:.4f}"
 
+    def row(name: str, attribute: str, missing: str, **style) -> None:
+        table.add_row(name, *(shown(getattr(scores, attribute), missing) for scores in runs.values()), **style)
+
     table = Table(title=title)
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    for label in runs:
+        table.add_column(label, justify="right")
     for name in ("bleu_words", "bleu_sents", "bertscore_words", "bertscore_sents"):
-        table.add_row(name, shown(getattr(scores, name), "off"))
-    table.add_row("accuracy", shown(scores.acc, "n/a"))
-    table.add_row("total", shown(scores.total, "incomplete"), style="bold")
+        row(name, name, "off")
+    row("accuracy", "acc", "n/a")
+    row("total", "total", "incomplete", style="bold")
     table.add_section()
-    table.add_row("bleu_words_reweighed", shown(scores.bleu_words_reweighed, "n/a"))
-    table.add_row("bleu_sents_reweighed", shown(scores.bleu_sents_reweighed, "n/a"))
-    table.add_row("proxy_total (no BERTScore)", shown(scores.proxy_total, "n/a"))
+    row("bleu_words_reweighed", "bleu_words_reweighed", "n/a")
+    row("bleu_sents_reweighed", "bleu_sents_reweighed", "n/a")
+    row("proxy_total (no BERTScore)", "proxy_total", "n/a")
     return table
 
 
-def _write_report(scores: Scores, path: Path) -> None:
+def _write_report(runs: dict[str, Scores], path: Path) -> None:
+    """One submission: its scores; several: {label: scores}."""
+    report = next(iter(runs.values())).to_dict() if len(runs) == 1 else {k: v.to_dict() for k, v in runs.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(scores.to_dict(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    labels = args.label or [Path(pred).stem for pred in args.pred]
+    if len(labels) != len(args.pred) or len(set(labels)) != len(labels):
+        print(f"error: give one distinct --label per --pred ({len(args.pred)} predictions, labels {labels})",
+              file=sys.stderr)
+        return 2
     try:
         gold = load_answers(args.gold)
-        pred = load_answers(args.pred)
-        check_submission(gold, pred, args.pred)
+        predictions = {label: load_answers(pred) for label, pred in zip(labels, args.pred)}
+        for label, pred in zip(labels, args.pred):
+            check_submission(gold, predictions[label], pred)
     except DataError as err:
         print(_error_line(err), file=sys.stderr)
         return 2
@@ -85,17 +100,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
     scorer, off_reason = _bertscore(args.bertscore_model, args.bertscore_layer)
-    scores = score_answers(gold, pred, scorer, off_reason)
+    runs = {label: score_answers(gold, pred, scorer, off_reason) for label, pred in predictions.items()}
 
     console = Console()
-    console.print(_table(scores, f"{args.pred} against {args.gold}"))
-    if scores.bertscore_off:
-        console.print(f"note: BERTScore is off ({scores.bertscore_off}), so the total is incomplete; "
+    console.print(_table(runs, f"{', '.join(args.pred)} against {args.gold}"))
+    if off_reason:
+        console.print(f"note: BERTScore is off ({off_reason}), so the total is incomplete; "
                       f"proxy_total = 0.5·acc + 0.5·mean(bleu_words, bleu_sents) is shown instead and is not "
                       f"comparable with published totals.", highlight=False, soft_wrap=True)
     if args.report:
         try:
-            _write_report(scores, Path(args.report))
+            _write_report(runs, Path(args.report))
         except OSError as err:
             print(f"error: cannot write the report: {err.filename}: {err.strerror}", file=sys.stderr)
             return 2

@@ -5,7 +5,7 @@ import logging
 from functools import cached_property
 
 from .config import DataConfig
-from .data import DataError, Example, Issue, QuestionBuilder, load_poems, split_poems
+from .data import DataError, Example, Issue, QuestionBuilder, load_poems, split_poems, validation_examples
 from .prompt import PromptFormat, tokenize_examples
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,7 @@ class TaskData:
 
     @cached_property
     def val_examples(self) -> list[Example]:
-        # distractors drawn from the validation poems' own emotions, so no training emotion leaks in as an option
-        builder = QuestionBuilder(self.val_poems, seed=self.builder.seed, max_items=self.cfg.max_items)
-        return builder.epoch(0)
+        return validation_examples(self.val_poems, self.builder.seed, self.cfg.max_items)
 
     @cached_property
     def val_dataset(self):

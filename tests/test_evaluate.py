@@ -105,3 +105,18 @@ def test_bad_gold_is_named(tmp_path, capsys):
     gold = write(tmp_path / "gold.json", with_change(0, choose_id="E"))
     code, out = run(capsys, "--pred", gold, "--gold", gold)
     assert code == 2 and out.err.startswith(f"error: {gold}:record 0: field 'choose_id'")
+
+
+def test_several_predictions_side_by_side(tmp_path, gold, capsys):
+    wrong = write(tmp_path / "wrong.json", with_change(0, choose_id="D"))
+    code, out = run(capsys, "--pred", gold, "--pred", wrong, "--label", "perfect", "--label", "wrong", "--gold", gold,
+                    "--report", tmp_path / "r.json")
+    assert code == 0
+    header = next(line for line in out.out.splitlines() if "perfect" in line)
+    assert header.index("perfect") < header.index("wrong")
+    accuracy = next(line for line in out.out.splitlines() if "accuracy" in line)
+    assert "1.0000" in accuracy and "0.5000" in accuracy
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert report["perfect"]["acc"] == 1.0 and report["wrong"]["acc"] == 0.5
+    code, out = run(capsys, "--pred", gold, "--pred", wrong, "--label", "only-one", "--gold", gold)
+    assert code == 2 and out.err.startswith("error: give one distinct --label per --pred")

@@ -128,3 +128,10 @@ def split_poems(poems: list[Poem], val_fraction: float, seed: int = 0) -> tuple[
         bucket = stable_hash(f"{seed}:{poem.key}") / 2**64
         (val if bucket < val_fraction else train).append(poem)
     return train, val
+
+
+def validation_examples(val_poems: list[Poem], seed: int, max_items: int) -> list[Example]:
+    """Fixed validation questions (the epoch-0 draw), so curves are comparable across steps. Distractors come from
+    the validation poems' own emotions: options seen as right answers in training would give the right one away
+    as the only unfamiliar option."""
+    return QuestionBuilder(val_poems, seed=seed, max_items=max_items).epoch(0)

@@ -1,0 +1,28 @@
+"""`python -m poetry.data`: stats and export-val."""
+from conftest import ROOT, SAMPLE
+from poetry.data import check_submission, load_answers, load_poems, load_questions, split_poems
+from poetry.data.__main__ import main
+
+
+def test_stats_prints_counts(capsys):
+    assert main(["stats", str(SAMPLE / "train-data")]) == 0
+    out = capsys.readouterr().out
+    assert "poems aligned by sentence marks" in out and "loaded 59 poems" in out
+
+
+def test_stats_bad_file_is_an_error_line(tmp_path, capsys):
+    bad = tmp_path / "train.json"
+    bad.write_text("[1]", encoding="utf-8")
+    assert main(["stats", str(bad)]) == 2
+    assert "record 0: expected an object, got an integer" in capsys.readouterr().out
+
+
+def test_export_val_writes_held_out_questions_with_gold(tmp_path, capsys):
+    assert main(["export-val", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path),
+                 "data.val_fraction=0.3"]) == 0
+    questions = load_questions(tmp_path / "questions.json").records
+    gold = load_answers(tmp_path / "gold.json")
+    check_submission(questions, gold, "gold.json")
+    _, val = split_poems(load_poems(SAMPLE / "train-data").records, 0.3, 0)
+    assert questions and {q.content for q in questions} <= {p.content for p in val}
+    assert all(q.choose[g.choose_id] for q, g in zip(questions, gold))
