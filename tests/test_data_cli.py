@@ -14,7 +14,7 @@ def test_stats_bad_file_is_an_error_line(tmp_path, capsys):
     bad = tmp_path / "train.json"
     bad.write_text("[1]", encoding="utf-8")
     assert main(["stats", str(bad)]) == 2
-    assert "record 0: expected an object, got an integer" in capsys.readouterr().out
+    assert capsys.readouterr().err == f"error: {bad}:record 0: expected an object, got an integer\n"
 
 
 def test_export_val_writes_held_out_questions_with_gold(tmp_path, capsys):

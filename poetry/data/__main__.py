@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"stats": stats, "export-val": export_val}[args.command](args, console)
     except DataError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
