@@ -68,6 +68,7 @@ class BertScore:
             raise MetricUnavailable(f"cannot load a BERTScore model from {path} at layer {layer}: "
                                     f"{type(err).__name__}: {err}") from err
         self._cap_tokenizer_length()
+        self._scorer._model.float()  # a bf16 checkpoint loads as bf16: identical strings then score F1 = 1.0013
 
     def _cap_tokenizer_length(self) -> None:
         # A tokenizer saved without model_max_length reports 1e30; bert-score truncates to it and the fast tokenizer
