@@ -1,0 +1,205 @@
+"""Answer evaluation questions with a (LoRA-tuned) model, merge an adapter into its base, or chat with a model.
+
+    python infer.py [predict] --model DIR [--adapter DIR] --input eval.json --output submission.json
+                    [--decode constrained|free] [--batch-size N] [--max-new-tokens N] [--system-prompt TEXT]
+                    [--load-in-4bit | --load-in-8bit] [--dtype fp32|bf16|fp16]
+    python infer.py merge --model DIR --adapter DIR --out DIR [--dtype fp32|bf16|fp16]
+    python infer.py chat --model DIR [--adapter DIR] --prompt TEXT [--sample --temperature T --top-p P]
+                    [--max-new-tokens N]
+
+`predict` is the default subcommand: arguments without one are predict's. `--model` is a local directory or
+`builtin:NAME` (e.g. builtin:tiny-qwen3, built on first use). Constrained decoding (the default) forces the answer
+format, so every item is valid whatever the model; free decoding lets the model write everything and repairs what
+it can, reporting how many items needed it (see poetry.decode). `--max-new-tokens` is the budget of each value;
+free decoding gets the same room. `--system-prompt` must be the one the model was trained with (data.system_prompt).
+The submission is checked as the official scorer checks it before anything is written. Bad input is one `error:`
+line on stderr and exit code 2. The dtype defaults to bf16 on a GPU and fp32 on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# Before transformers is imported: its bars would put carriage returns into logs
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from poetry.checkpoint import resolve_adapter
+from poetry.config import ModelConfig
+from poetry.data import DataError, check_submission, load_questions, write_submission
+from poetry.decode import UnsupportedTokenizer, chat, decode_constrained, decode_free
+from poetry.model import DTYPES, load_model, load_tokenizer
+from poetry.models import resolve_model_path
+from poetry.prompt import PromptFormat
+
+SUBCOMMANDS = ("predict", "merge", "chat")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _model_arguments(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    parser.add_argument("--model", required=True, help="base or merged model directory, or builtin:NAME")
+    parser.add_argument("--adapter", required=adapter_required,
+                        help="PEFT LoRA adapter directory, or a run directory (its best checkpoint, else the latest)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default: bf16 on GPU, fp32 on CPU)")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="infer.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    predict = commands.add_parser("predict", help="write a submission for an evaluation file (the default)")
+    _model_arguments(predict)
+    predict.add_argument("--input", required=True, help="evaluation questions: a JSON list or JSONL")
+    predict.add_argument("--output", required=True, help="submission file to write")
+    predict.add_argument("--decode", choices=["constrained", "free"], default="constrained")
+    predict.add_argument("--batch-size", type=_positive, default=8)
+    predict.add_argument("--max-new-tokens", type=_positive, default=64, help="token budget of each value")
+    predict.add_argument("--system-prompt", default="", help="system message the model was trained with")
+    quantization = predict.add_mutually_exclusive_group()
+    quantization.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit base weights")
+    quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit base weights")
+
+    merge = commands.add_parser("merge", help="fold an adapter into its base and save the result")
+    _model_arguments(merge, adapter_required=True)
+    merge.add_argument("--out", required=True, help="directory for the merged model (safetensors) and tokenizer")
+
+    chatting = commands.add_parser("chat", help="answer one free prompt")
+    _model_arguments(chatting)
+    chatting.add_argument("--prompt", required=True)
+    chatting.add_argument("--max-new-tokens", type=_positive, default=256)
+    chatting.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    chatting.add_argument("--temperature", type=float, default=0.7)
+    chatting.add_argument("--top-p", type=float, default=0.9)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
+        argv = ["predict", *argv]
+    return parser.parse_args(argv)
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer) from --model, --dtype, the quantization flags and --adapter, in eval mode."""
+    path = resolve_model_path(args.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantization = "4bit" if getattr(args, "load_in_4bit", False) else (
+        "8bit" if getattr(args, "load_in_8bit", False) else "none")
+    tokenizer = load_tokenizer(path)
+    model = load_model(ModelConfig(path=path, dtype=args.dtype or ("bf16" if device == "cuda" else "fp32"),
+                                   quantization=quantization), device, for_training=False)
+    if quantization == "none":  # quantized weights are placed on the device while loading
+        model.to(device)
+    if args.adapter:
+        from peft import PeftModel
+
+        adapter = resolve_adapter(args.adapter)
+        print(f"adapter: {adapter}", flush=True)
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), tokenizer
+
+
+class _Progress:
+    """A rich bar on a terminal; elsewhere (logs) a plain line after each 30 s of silence, so logs stay short."""
+
+    QUIET_S = 30.0
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.done = total, label, 0
+        self.plain = not sys.stdout.isatty()
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), disable=self.plain)
+        self.started = self.last_line = time.monotonic()
+
+    def __enter__(self) -> _Progress:
+        self.bar.start()
+        self.task = self.bar.add_task(self.label, total=self.total)
+        if self.plain:
+            print(f"{self.label}: {self.total} questions", flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-9)
+
+    def advance(self, finished: int) -> None:
+        self.done += finished
+        self.bar.advance(self.task, finished)
+        if self.plain and time.monotonic() - self.last_line >= self.QUIET_S:
+            print(f"{self.label}: {self.done}/{self.total} questions ({self.rate:.2f}/s)", flush=True)
+            self.last_line = time.monotonic()
+
+
+def _predict(args: argparse.Namespace) -> int:
+    questions = load_questions(args.input).records  # before the model: bad input fails in a second
+    model, tokenizer = _load(args)
+    fmt = PromptFormat(tokenizer, system_prompt=args.system_prompt)
+    decode = decode_constrained if args.decode == "constrained" else decode_free
+    with _Progress(len(questions), f"{args.decode} decoding") as progress:
+        result = decode(model, fmt, questions, args.batch_size, args.max_new_tokens, progress.advance)
+    if args.decode == "constrained":
+        answers, note = [decoded.answer for decoded in result], ""
+    else:
+        counts = ", ".join(f"{kind} {n}" for kind, n in result.repair_counts.most_common())
+        answers = result.answers
+        note = f"; {result.repaired} of {len(answers)} answers needed repair" + (f" ({counts})" if counts else "")
+    check_submission(questions, answers, args.output)
+    write_submission(answers, args.output)
+    print(f"wrote {len(answers)} answers to {args.output} ({args.decode} decoding, {progress.rate:.2f} "
+          f"questions/s{note})", flush=True)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    model, tokenizer = _load(args)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(args.out)  # safetensors
+    tokenizer.save_pretrained(args.out)
+    print(f"merged {args.adapter} into {args.model}: {args.out}", flush=True)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    model, tokenizer = _load(args)
+    print(chat(model, tokenizer, args.prompt, args.max_new_tokens, args.sample, args.temperature, args.top_p),
+          flush=True)
+    return 0
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    command = {"predict": _predict, "merge": _merge, "chat": _chat}[args.command]
+    try:
+        return command(args)
+    except DataError as err:
+        # The first problem, named by file, record and field, is enough to act on
+        more = len(err.issues) - 1
+        return _error(f"{err.issues[0]}" + (f" (and {more} more problems)" if more else ""))
+    except OSError as err:  # FileNotFoundError included; library messages can span lines
+        shown = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+        return _error(shown.strip().splitlines()[0] if shown.strip() else type(err).__name__)
+    except UnsupportedTokenizer as err:
+        return _error(str(err))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,519 @@
+"""Answering questions with a model: constrained greedy decoding, free generation with a repairing parser, chat.
+
+Constrained decoding forces the canonical answer of poetry.prompt token by token and lets the model write only the
+values, so every answer is schema-valid whatever the model (no invalid JSON, no dropped or mangled keys, no empty
+value, choose_id always a letter). For a question the forced skeleton is
+
+    {"ans_qa_words": {"<w1>": "  VALUE  ", "<w2>": "  VALUE  "}, "ans_qa_sents": {"<s1>": "  VALUE  "},
+     "choose_id": "  LETTER  "}  + end-of-turn
+
+with parts present only, as in `answer_dict`. Token boundaries (measured on the Qwen3 tokenizer, guarded by
+tests/test_decode.py): the text before a value ends in the token ` "`; a value closes with a token that fuses the
+quote with what follows (`",`, `"},`), or, after ASCII punctuation, also with what precedes it (`."`, `!",`). So a
+value ends at the first generated token holding an unescaped `"`; its text before the quote stays in the value, and
+the tokens forced next are those of that text plus the following fixed piece, tokenised together: the ids the
+training target has there. With gold values teacher-forced, the forced ids equal `PromptFormat.target_ids` for all
+656 targets built from the sample and official data, with the Qwen3 and the Gemma-3 tokenizer. The one known
+exception: a value opening with ASCII punctuation (`(`, `<`, an escaped `"`, ...), which the BPE merges with the
+opening quote (` "(`) while the decoder has already forced ` "`; the value text is still right. choose_id is the
+argmax of the four letter logits at the position after `"choose_id": "`, each letter being one token there.
+
+Free decoding (`decode_free`) lets the model write everything and repairs the text; it exists for comparison.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import re
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .data.records import OPTION_LETTERS, Answer, Question
+from .prompt import PromptFormat
+
+Progress = Callable[[int], None]  # called with the number of questions finished since the last call
+CHOOSE_HEAD = '"choose_id": "'
+
+
+class UnsupportedTokenizer(ValueError):
+    """The tokenizer cannot express the canonical answer the way the constrained decoder needs."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    answer: Answer
+    option_logprobs: dict[str, float] | None  # log-softmax over the A-D letter logits; None without options
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """The canonical answer text with its values cut out.
+
+    `pieces[i]` is the fixed text before slot i and `pieces[-1]` the text after the last slot; `slots[i]` is the
+    key whose value fills slot i, or None for the choose_id letter. Keys go through `json.dumps` exactly as in
+    `render_target`, so escaping and separators match the training target.
+    """
+
+    pieces: tuple[str, ...]
+    slots: tuple[str | None, ...]
+
+    @classmethod
+    def of(cls, question: Question) -> Skeleton:
+        pieces, slots, text = [], [], "{"
+        sections = [(name, keys) for name, keys in (("ans_qa_words", question.qa_words),
+                                                    ("ans_qa_sents", question.qa_sents)) if keys]
+        for n, (name, keys) in enumerate(sections):
+            text += (", " if n else "") + json.dumps(name) + ": {"
+            for k, key in enumerate(keys):
+                pieces.append(text + (", " if k else "") + json.dumps(key, ensure_ascii=False) + ': "')
+                slots.append(key)
+                text = '"'
+            text += "}"
+        if question.choose:
+            pieces.append(text + (", " if sections else "") + CHOOSE_HEAD)
+            slots.append(None)
+            text = '"'
+        pieces.append(text + "}")
+        return cls(tuple(pieces), tuple(slots))
+
+
+def closing_quote(text: str, before: str = "") -> int | None:
+    """Index in `text` of the first `"` that closes a JSON string whose content so far is `before`, or None."""
+    for i, char in enumerate(text):
+        if char == '"':
+            preceding = before + text[:i]
+            if (len(preceding) - len(preceding.rstrip("\\"))) % 2 == 0:  # an odd run of backslashes escapes it
+                return i
+    return None
+
+
+@dataclass(frozen=True)
+class _Vocab:
+    """Per-tokenizer tables for generating values."""
+
+    texts: list[str]  # each id decoded on its own
+    blocked: torch.Tensor  # never inside a value: special and added tokens, end of turn, ids past the tokenizer
+    blocked_first: torch.Tensor  # also never first: tokens that would close the value at once, blank tokens
+    quote_ids: frozenset[int]  # tokens whose text holds a `"`: the only ones that can close a value
+
+
+@functools.lru_cache(maxsize=4)  # decoding each id takes about a second on a 150k vocabulary
+def _vocab(tokenizer, size: int, device: str, end_ids: tuple[int, ...]) -> _Vocab:
+    known = min(len(tokenizer), size)
+    texts = tokenizer.batch_decode([[i] for i in range(known)], clean_up_tokenization_spaces=False)
+    blocked = torch.zeros(size, dtype=torch.bool)
+    blocked[known:] = True  # embedding rows padded past the tokenizer: no text at all
+    control = set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids) | set(end_ids)
+    blocked[[i for i in control if i < size]] = True
+    first = blocked.clone()
+    first[[i for i, text in enumerate(texts) if not text.strip() or closing_quote(text) is not None]] = True
+    return _Vocab(texts, blocked.to(device), first.to(device),
+                  frozenset(i for i, text in enumerate(texts) if '"' in text))
+
+
+def option_letter_ids(fmt: PromptFormat) -> list[int]:
+    """The ids of A-D as the value of choose_id; raises UnsupportedTokenizer unless each is one token there."""
+    ids = []
+    for letter in OPTION_LETTERS:
+        alone = fmt.text_ids(letter)
+        if len(alone) != 1 or fmt.text_ids(CHOOSE_HEAD + letter + '"}') != (
+                fmt.text_ids(CHOOSE_HEAD) + alone + fmt.text_ids('"}')):
+            raise UnsupportedTokenizer(
+                f"{type(fmt.tokenizer).__name__}: the option letter {letter} is not a single token after "
+                f"{CHOOSE_HEAD!r} (it tokenises as {fmt.text_ids(letter)}), so choose_id cannot be read from the "
+                f"letter logits at one position")
+        ids += alone
+    return ids
+
+
+def _value_text(raw: str, key: str) -> str:
+    """The value as the answer shows it: JSON escapes undone, outer whitespace stripped, never blank."""
+    try:
+        text = json.loads(f'"{raw}"', strict=False)  # strict=False: raw control characters are kept as they are
+    except ValueError:  # e.g. cut by the budget inside an escape
+        text = raw
+    # A value whose bytes decode to blank text only (a split whitespace character) falls back to the key itself
+    return text.strip() or raw.strip() or key
+
+
+class _AnswerState:
+    """One answer being decoded: forced skeleton tokens, values generated up to their closing quote, the letter."""
+
+    def __init__(self, question: Question, fmt: PromptFormat, vocab: _Vocab, letter_ids: list[int],
+                 max_new_tokens: int):
+        self.question, self.fmt, self.vocab, self.letter_ids = question, fmt, vocab, letter_ids
+        self.max_new_tokens = max_new_tokens
+        self.skeleton = Skeleton.of(question)
+        self.slot = 0
+        self.pending = deque(self._piece_ids(""))
+        self.emitted: list[int] = []
+        self.value_ids: list[int] = []
+        self.values: list[str] = []
+        self.letter: str | None = None
+        self.option_logprobs: dict[str, float] | None = None
+
+    @property
+    def done(self) -> bool:
+        """Every slot filled. The rest of the skeleton is known and need not be fed to the model."""
+        return self.slot == len(self.skeleton.slots)
+
+    @property
+    def needs_logits(self) -> bool:
+        return not self.done and not self.pending
+
+    @property
+    def ids(self) -> list[int]:
+        """The answer's token ids: those fed so far and the forced ones still due."""
+        return self.emitted + list(self.pending)
+
+    def _piece_ids(self, tail: str) -> list[int]:
+        """Ids of the fixed piece after the current slot, tokenised together with the value's text that shared
+        the closing quote's token, as the target tokenises them; the final piece ends the turn."""
+        ids = self.fmt.text_ids(tail + self.skeleton.pieces[self.slot])
+        return ids + self.fmt.end_ids if self.done else ids
+
+    def start(self) -> list[int]:
+        """The forced tokens before the first slot: fed together with the prompt."""
+        ids = list(self.pending)
+        self.pending.clear()
+        self.emitted += ids
+        return ids
+
+    def step(self, logits: torch.Tensor | None) -> int:
+        """The next token to feed; `logits` (next-token scores) are read only when `needs_logits`."""
+        if self.pending:
+            token = self.pending.popleft()
+        elif self.skeleton.slots[self.slot] is None:
+            token = self._choose(logits)
+        else:
+            token = self._generate(logits)
+        self.emitted.append(token)
+        return token
+
+    def _raw(self) -> str:
+        return self.fmt.tokenizer.decode(self.value_ids, clean_up_tokenization_spaces=False)
+
+    def _generate(self, logits: torch.Tensor) -> int:
+        blocked = self.vocab.blocked if self.value_ids else self.vocab.blocked_first
+        token = int(logits.masked_fill(blocked, float("-inf")).argmax())
+        if token in self.vocab.quote_ids:
+            before, text = self._raw(), self.vocab.texts[token]
+            cut = closing_quote(text, before)
+            if cut is not None:
+                self._close(before + text[:cut], tail=text[:cut])
+                return self.pending.popleft()  # the canonical tokens replace the model's closing token
+        self.value_ids.append(token)
+        if len(self.value_ids) == self.max_new_tokens:
+            self._close(self._raw(), tail="")
+        return token
+
+    def _close(self, raw: str, tail: str) -> None:
+        self.values.append(_value_text(raw, self.skeleton.slots[self.slot]))
+        self.value_ids = []
+        self.slot += 1
+        self.pending.extend(self._piece_ids(tail))
+
+    def _choose(self, logits: torch.Tensor) -> int:
+        letters = logits[self.letter_ids].float().log_softmax(-1)
+        best = int(letters.argmax())
+        self.option_logprobs = dict(zip(OPTION_LETTERS, letters.tolist()))
+        self.letter = OPTION_LETTERS[best]
+        self.slot += 1
+        self.pending.extend(self._piece_ids(""))
+        return self.letter_ids[best]
+
+    def decoded(self) -> Decoded:
+        q, n = self.question, len(self.question.qa_words)
+        answer = Answer(q.idx, dict(zip(q.qa_words, self.values[:n])), dict(zip(q.qa_sents, self.values[n:])),
+                        self.letter)
+        return Decoded(answer, self.option_logprobs)
+
+
+@contextlib.contextmanager
+def _inference(model):
+    """Eval mode without autograd; each module's previous mode comes back after, since training decodes mid-run."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _pad_id(fmt: PromptFormat) -> int:
+    pad = fmt.tokenizer.pad_token_id
+    return fmt.end_ids[0] if pad is None else pad
+
+
+def _states(model, fmt: PromptFormat, questions: list[Question], max_new_tokens: int) -> list[_AnswerState]:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    letter_ids = option_letter_ids(fmt) if any(q.choose for q in questions) else []
+    vocab = _vocab(fmt.tokenizer, model.get_output_embeddings().out_features, str(_device(model)),
+                   tuple(fmt.end_ids))
+    return [_AnswerState(q, fmt, vocab, letter_ids, max_new_tokens) for q in questions]
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, sequences))
+    ids = [[pad_id] * (width - len(s)) + s for s in sequences]
+    mask = [[0] * (width - len(s)) + [1] * len(s) for s in sequences]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by length, longest first (little padding; an out-of-memory shows on the first batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def decode_constrained(model, fmt: PromptFormat, questions: list[Question], batch_size: int = 8,
+                       max_new_tokens: int = 64, progress: Progress | None = None) -> list[Decoded]:
+    """Batched greedy constrained decoding with a KV cache; results in input order. `max_new_tokens` is the
+    budget of each value: a value that reaches it is cut there."""
+    with _inference(model):
+        states = _states(model, fmt, questions, max_new_tokens)
+        prefixes = [fmt.prompt_ids(q) + s.start() for q, s in zip(questions, states)]
+        for batch in _batches([len(p) for p in prefixes], batch_size):
+            _decode_batch(model, [prefixes[i] for i in batch], [states[i] for i in batch], _pad_id(fmt))
+            if progress:
+                progress(len(batch))
+    return [state.decoded() for state in states]
+
+
+def _decode_batch(model, prefixes: list[list[int]], states: list[_AnswerState], pad_id: int) -> None:
+    """All sequences advance one token per step; each state forces or generates its own next token."""
+    input_ids, mask = _left_pad(prefixes, pad_id, _device(model))
+    cache = None
+    while not all(state.done for state in states):
+        # Positions count real tokens only, as generate() does; the model would otherwise number from the padded
+        # start. Plain RoPE sees only relative offsets and would not mind, but absolute position embeddings,
+        # position-dependent RoPE scaling and rounding at large positions do: an answer must not depend on its batch
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+        tokens = [pad_id if state.done else state.step(row) for state, row in zip(states, logits)]
+        input_ids = torch.tensor(tokens, device=mask.device)[:, None]
+        mask = torch.cat([mask, mask.new_ones(len(states), 1)], dim=1)
+
+
+def decode_naive(model, fmt: PromptFormat, questions: list[Question], max_new_tokens: int = 64) -> list[Decoded]:
+    """Reference for decode_constrained: one question at a time, no cache, no padding, the whole sequence re-run
+    for every generated token. Slow; tests compare the two."""
+    results = []
+    with _inference(model):
+        for question, state in zip(questions, _states(model, fmt, questions, max_new_tokens)):
+            ids = fmt.prompt_ids(question) + state.start()
+            while not state.done:
+                logits = None
+                if state.needs_logits:
+                    logits = model(input_ids=torch.tensor([ids], device=_device(model)),
+                                   logits_to_keep=1).logits[0, -1].float()
+                ids.append(state.step(logits))
+            results.append(state.decoded())
+    return results
+
+
+# ---- free generation, for comparison ----
+
+@dataclass(frozen=True)
+class FreeDecoded:
+    answer: Answer
+    text: str  # what the model wrote
+    repairs: tuple[str, ...]  # what the parser had to fix; empty for a clean answer
+
+
+@dataclass(frozen=True)
+class FreeResult:
+    items: list[FreeDecoded]
+
+    @property
+    def answers(self) -> list[Answer]:
+        return [item.answer for item in self.items]
+
+    @property
+    def repaired(self) -> int:
+        """Items that needed any repair."""
+        return sum(bool(item.repairs) for item in self.items)
+
+    @property
+    def repair_counts(self) -> Counter:
+        return Counter(kind for item in self.items for kind in item.repairs)
+
+
+def free_budget(fmt: PromptFormat, question: Question, max_new_tokens: int) -> int:
+    """New tokens allowed to a free answer: the skeleton plus the constrained budget of each value."""
+    skeleton = Skeleton.of(question)
+    return len(fmt.text_ids("".join(skeleton.pieces))) + len(skeleton.slots) * max_new_tokens + len(fmt.end_ids)
+
+
+def decode_free(model, fmt: PromptFormat, questions: list[Question], batch_size: int = 8,
+                max_new_tokens: int = 64, progress: Progress | None = None) -> FreeResult:
+    """Greedy `generate` on the same prompts, then `parse_free_answer`. `max_new_tokens` means what it means in
+    decode_constrained (per value); see free_budget."""
+    tokenizer, pad_id = fmt.tokenizer, _pad_id(fmt)
+    stop = list(dict.fromkeys(fmt.end_ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
+    prompts = [fmt.prompt_ids(q) for q in questions]
+    texts = [""] * len(questions)
+    with _inference(model):
+        for batch in _batches([len(p) for p in prompts], batch_size):
+            input_ids, mask = _left_pad([prompts[i] for i in batch], pad_id, _device(model))
+            out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, pad_token_id=pad_id,
+                                 eos_token_id=stop,
+                                 max_new_tokens=max(free_budget(fmt, questions[i], max_new_tokens) for i in batch))
+            for i, row in zip(batch, out[:, input_ids.shape[1]:]):
+                texts[i] = tokenizer.decode(row, skip_special_tokens=True)
+            if progress:
+                progress(len(batch))
+    items = []
+    for question, text in zip(questions, texts):
+        answer, repairs = parse_free_answer(question, text)
+        items.append(FreeDecoded(answer, text, repairs))
+    return FreeResult(items)
+
+
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
+_STRING = r'"((?:[^"\\]|\\.)*)"'
+_PAIR = re.compile(_STRING + r"\s*:\s*" + _STRING)
+_CHOOSE = re.compile(r'"[^"]*choose[^"]*"\s*:\s*("(?:[^"\\]|\\.)*"|[^,}\s]+)')
+_LETTER = re.compile(r"(?<![A-Za-z])[A-Da-d](?![A-Za-z])")
+
+
+def parse_free_answer(question: Question, text: str) -> tuple[Answer, tuple[str, ...]]:
+    """A schema-valid answer from free text, and the repairs it took.
+
+    Values are read by position (the scorer reads them so, and models mangle keys): the first object-valued entry
+    is the words, the second the sentences, unless the canonical section names are there. What cannot be read
+    falls back to something never empty: the word or sentence itself, the letter A.
+    """
+    repairs: list[str] = []
+    body = _strip_think(text, repairs)
+    if "```" in body:
+        body = re.sub(r"```[A-Za-z]*", "", body)
+        repairs.append("fence")
+    parsed = _first_object(body)
+    if parsed is None:
+        repairs.append("invalid_json")
+        words, sents, choose = _salvage(body, len(question.qa_words))
+    else:
+        words, sents, choose = _read_object(parsed, question, repairs)
+    answer = Answer(question.idx, _fill(question.qa_words, words, repairs), _fill(question.qa_sents, sents, repairs),
+                    _letter(choose, repairs) if question.choose else None)
+    return answer, tuple(dict.fromkeys(repairs))
+
+
+def _strip_think(text: str, repairs: list[str]) -> str:
+    body = _THINK_BLOCK.sub("", text)
+    if "</think>" in body:  # the block was opened in the prompt
+        body = body.rsplit("</think>", 1)[1]
+    if "<think>" in body:  # never closed: the rest is reasoning cut off by the budget
+        body = body.split("<think>", 1)[0]
+    if body != text:
+        repairs.append("think")
+    return body
+
+
+def _first_object(text: str) -> dict | None:
+    """The first balanced `{...}` (braces inside strings ignored), if it parses as a JSON object."""
+    start = text.find("{")
+    if start < 0:
+        return None
+    depth, in_string, escaped = 0, False, False
+    for end in range(start, len(text)):
+        char = text[end]
+        if escaped:
+            escaped = False
+        elif in_string:
+            escaped, in_string = char == "\\", char != '"'
+        elif char == '"':
+            in_string = True
+        elif char in "{}":
+            depth += 1 if char == "{" else -1
+            if depth == 0:
+                try:
+                    parsed = json.loads(text[start:end + 1], strict=False)
+                except ValueError:
+                    return None
+                return parsed if isinstance(parsed, dict) else None
+    return None
+
+
+def _read_object(parsed: dict, question: Question, repairs: list[str]) -> tuple[list, list, object]:
+    objects = [value for value in parsed.values() if isinstance(value, dict)]
+    sections = []
+    asked = [(name, keys) for name, keys in (("ans_qa_words", question.qa_words),
+                                             ("ans_qa_sents", question.qa_sents)) if keys]
+    for position, (name, keys) in enumerate(asked):
+        section = parsed.get(name)
+        if not isinstance(section, dict):
+            repairs.append("section_name")
+            section = objects[position] if position < len(objects) else {}
+        if list(section) != list(keys):
+            repairs.append("keys")
+        sections.append(list(section.values()))
+    words = sections.pop(0) if question.qa_words else []
+    sents = sections.pop(0) if question.qa_sents else []
+    choose = parsed.get("choose_id", next((v for k, v in parsed.items() if "choose" in k), None))
+    return words, sents, choose
+
+
+def _salvage(body: str, n_words: int) -> tuple[list, list, object]:
+    """Invalid JSON: string pairs in order of appearance, the first n_words taken as words, the rest as
+    sentences."""
+    values = [_unescape(value) for key, value in _PAIR.findall(body) if "choose" not in key]
+    choose = _CHOOSE.search(body)
+    return values[:n_words], values[n_words:], choose.group(1).strip('"') if choose else None
+
+
+def _unescape(value: str) -> str:
+    try:
+        return json.loads(f'"{value}"', strict=False)
+    except ValueError:
+        return value
+
+
+def _fill(keys: tuple[str, ...], values: list, repairs: list[str]) -> dict[str, str]:
+    filled = {}
+    for position, key in enumerate(keys):
+        value = values[position] if position < len(values) else None
+        text = value.strip() if isinstance(value, str) else ""
+        if not text:
+            repairs.append("missing_value")
+        filled[key] = text or key
+    return filled
+
+
+def _letter(choose: object, repairs: list[str]) -> str:
+    if choose in OPTION_LETTERS:
+        return choose
+    repairs.append("choose_id")
+    match = _LETTER.search(str(choose)) if choose is not None else None
+    return match.group().upper() if match else OPTION_LETTERS[0]
+
+
+def chat(model, tokenizer, prompt: str, max_new_tokens: int = 256, sample: bool = False, temperature: float = 0.7,
+         top_p: float = 0.9) -> str:
+    """Free prompting: the chat template when the tokenizer has one (no thinking block), plain text otherwise."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True, enable_thinking=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    sampling = {"temperature": temperature, "top_p": top_p} if sample else {}
+    with _inference(model):
+        input_ids = torch.tensor([ids], device=_device(model))
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=sample,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)

@@ -1,0 +1,140 @@
+"""infer.py in-process: valid submissions from constrained and free decoding, merge equals base + adapter, chat,
+and one `error:` line with exit code 2 for bad input."""
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import ROOT, SAMPLE
+
+from poetry.config import LoraConfig, ModelConfig
+from poetry.data import check_submission, load_answers, load_questions
+from poetry.model import add_lora, load_model
+
+# Loaded by path: the repo root is not on sys.path
+_spec = importlib.util.spec_from_file_location("infer_cli", ROOT / "infer.py")
+infer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(infer)
+
+EVAL = SAMPLE / "eval.json"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test machine's 2 cores are shared: two torch threads fighting other jobs run ~20x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(capsys, *argv):
+    code = infer.main([str(a) for a in argv])
+    return code, capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter whose B matrices are random, so that it changes the model's answers."""
+    model = add_lora(load_model(ModelConfig(path=str(tiny_model_dir), dtype="fp32"), for_training=False),
+                     LoraConfig(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0.0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def few_questions(tmp_path):
+    records = json.loads(EVAL.read_text(encoding="utf-8"))[:4]
+    path = tmp_path / "few.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_predict_writes_a_valid_submission_in_order(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "sub" / "submission.json"
+    code, printed = run(capsys, "--model", tiny_model_dir, "--input", EVAL, "--output", out, "--max-new-tokens", 3)
+    assert code == 0 and printed.err == ""
+    questions = load_questions(EVAL).records
+    answers = load_answers(out)  # strict: also rejects empty values
+    check_submission(questions, answers, str(out))
+    assert len(answers) == 14 and [a.idx for a in answers] == [q.idx for q in questions]
+    assert "wrote 14 answers" in printed.out and "constrained decoding" in printed.out
+
+
+def test_free_decoding_writes_a_valid_submission_and_counts_repairs(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "free.json"
+    code, printed = run(capsys, "predict", "--model", tiny_model_dir, "--input", EVAL, "--output", out,
+                        "--decode", "free", "--max-new-tokens", 1, "--batch-size", 14)
+    assert code == 0
+    check_submission(load_questions(EVAL).records, load_answers(out), str(out))
+    assert "14 of 14 answers needed repair" in printed.out  # a random model writes no JSON
+
+
+def test_merged_model_answers_like_base_plus_adapter(tiny_model_dir, adapter_dir, few_questions, tmp_path, capsys):
+    common = ("--input", few_questions, "--max-new-tokens", 4, "--batch-size", 2)
+    assert run(capsys, "--model", tiny_model_dir, "--output", tmp_path / "base.json", *common)[0] == 0
+    assert run(capsys, "--model", tiny_model_dir, "--adapter", adapter_dir, "--output", tmp_path / "lora.json",
+               *common)[0] == 0
+    code, printed = run(capsys, "merge", "--model", tiny_model_dir, "--adapter", adapter_dir, "--out",
+                        tmp_path / "merged")
+    assert code == 0 and (tmp_path / "merged" / "model.safetensors").is_file()
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    assert run(capsys, "--model", tmp_path / "merged", "--output", tmp_path / "merged.json", *common)[0] == 0
+    lora, merged = (load_answers(tmp_path / name) for name in ("lora.json", "merged.json"))
+    assert merged == lora and lora != load_answers(tmp_path / "base.json")
+
+
+def test_chat_prints_a_reply(tiny_model_dir, capsys):
+    code, printed = run(capsys, "chat", "--model", tiny_model_dir, "--prompt", "床前明月光的下一句是什么？",
+                        "--max-new-tokens", 5)
+    assert code == 0 and printed.out.strip()
+    code, printed = run(capsys, "chat", "--model", tiny_model_dir, "--prompt", "你好", "--max-new-tokens", 3,
+                        "--sample", "--temperature", 0.9, "--top-p", 0.8)
+    assert code == 0 and printed.out.strip()
+
+
+def bad_input_files(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"idx": 0,', encoding="utf-8")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps([{"idx": 0, "title": "t", "content": "c", "qa_words": [], "qa_sents": ["s"],
+                                  "choose": {"A": "a"}}]), encoding="utf-8")
+    return {"missing": tmp_path / "missing.json", "broken": broken, "wrong": wrong}
+
+
+@pytest.mark.parametrize("case", ["missing", "broken", "wrong"])
+def test_bad_input_is_one_error_line(case, tiny_model_dir, tmp_path, capsys):
+    code, printed = run(capsys, "--model", tiny_model_dir, "--input", bad_input_files(tmp_path)[case], "--output",
+                        tmp_path / "out.json")
+    assert code == 2 and printed.err.startswith("error: ") and printed.err.count("\n") == 1
+    assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--model", "no/such/model"), ("--adapter", "no/such/adapter"),
+                                         ("--model", "builtin:nope")])
+def test_bad_model_or_adapter_is_one_error_line(flag, value, tiny_model_dir, tmp_path, capsys):
+    argv = {"--model": str(tiny_model_dir), flag: value}
+    code, printed = run(capsys, *[x for pair in argv.items() for x in pair], "--input", EVAL, "--output",
+                        tmp_path / "out.json")
+    assert code == 2 and printed.err.startswith("error: ") and printed.err.count("\n") == 1, printed.err
+
+
+def test_adapter_may_be_a_run_directory(adapter_dir, tmp_path):
+    from poetry.checkpoint import resolve_adapter
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for step in (2, 4):
+        shutil.copytree(adapter_dir, run / "checkpoints" / f"step-{step:06d}")
+    assert resolve_adapter(adapter_dir) == adapter_dir
+    assert resolve_adapter(run) == run / "checkpoints" / "step-000004"  # no best recorded: the latest
+    (run / "checkpoints" / "best.json").write_text(json.dumps({"path": "step-000002"}))
+    assert resolve_adapter(run) == run / "checkpoints" / "step-000002"
+    with pytest.raises(FileNotFoundError, match="neither an adapter directory nor a run directory"):
+        resolve_adapter(tmp_path / "empty")
