@@ -143,13 +143,18 @@ def train(cfg):
             prune(checkpoints, cfg.train.keep_last)
         accelerator.wait_for_everyone()
 
+    eval_time = 0.0
+
     def evaluate() -> bool:
         """Log validation metrics; True when they make this step the best so far."""
+        nonlocal eval_time
+        started = time.time()
         with memory.phase("eval"):
             metrics = evaluator.run(accelerator.unwrap_model(loss_model), model)
+        eval_time += time.time() - started
         if not metrics:
             return False
-        run.log(step, metrics)
+        run.log(step, {**metrics, "val/seconds": time.time() - started})
         run.draw_curves()
         value = metrics.get(cfg.eval.best_metric)
         is_best = value is not None and accelerator.is_main_process and \
@@ -231,7 +236,8 @@ def train(cfg):
     steps_done = step - first_step
     if train_time:
         run.print(f"this session: {steps_done / train_time:.2f} steps/s, {real_total / train_time:.0f} tokens/s, "
-                  f"padding efficiency {real_total / padded_total:.3f}, peak memory {memory.summary()}")
+                  f"padding efficiency {real_total / padded_total:.3f}, evaluation {eval_time:.0f} s "
+                  f"({100 * eval_time / train_time:.0f}% of training time), peak memory {memory.summary()}")
     for path in run.draw_curves():
         run.print(f"curve: {path}")
     run.close()

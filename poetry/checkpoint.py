@@ -126,3 +126,18 @@ def load_adapter(model, path: Path) -> None:
     if result.unexpected_keys:
         raise ValueError(f"{path}: adapter does not match the model ({len(result.unexpected_keys)} unexpected keys, "
                          f"e.g. {result.unexpected_keys[0]}); was it trained with another lora config?")
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """An adapter directory as given, or for a run directory its best checkpoint (else its latest)."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        return path
+    checkpoints = path / "checkpoints"
+    best = checkpoints / BEST_FILE
+    if best.is_file() and (checkpoints / json.loads(best.read_text())["path"]).is_dir():
+        return checkpoints / json.loads(best.read_text())["path"]
+    found = checkpoint_dirs(checkpoints)
+    if not found:
+        raise FileNotFoundError(f"{path}: neither an adapter directory nor a run directory with checkpoints")
+    return found[-1]

@@ -1,12 +1,19 @@
-"""In-loop evaluation on the validation poems: loss / perplexity, and task metrics from constrained decoding."""
+"""In-loop evaluation on the validation poems: loss / perplexity, and task metrics from constrained decoding.
+
+Validation questions are fixed for the run (poetry.data.validation_examples), so every point of a curve scores the
+same questions. Decoding metrics are computed on each rank's share and summed over ranks before averaging.
+"""
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import Callable
 
 import torch
 
 from .config import EvalConfig
+from .decode import decode_constrained
+from .metrics import BertScore, combine, score_answers
 
 
 class Evaluator:
@@ -14,17 +21,16 @@ class Evaluator:
         self.cfg, self.data, self.fmt, self.collate = cfg, data, fmt, collate
         self.accelerator, self.autocast = accelerator, autocast
 
-    def _shard(self, dataset) -> list[list[int]]:
-        """This rank's share of length-sorted batches: validation is summed over ranks, so shards may differ."""
-        order = sorted(range(len(dataset)), key=lambda i: dataset[i]["length"])
-        batches = [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
-        return batches[self.accelerator.process_index::self.accelerator.num_processes]
+    def _shard(self, items: list) -> list:
+        return items[self.accelerator.process_index::self.accelerator.num_processes]
 
     @torch.no_grad()
     def loss(self, loss_module) -> dict[str, float]:
         dataset, device = self.data.val_dataset, self.accelerator.device
+        order = sorted(range(len(dataset)), key=lambda i: dataset[i]["length"])
+        batches = [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
         totals = torch.zeros(2, device=device, dtype=torch.float64)
-        for indices in self._shard(dataset):
+        for indices in self._shard(batches):  # shards may differ in size: sums are reduced, not averaged
             batch = {k: v.to(device) for k, v in self.collate(dataset[indices]).items()}
             with self.autocast():
                 loss_sum, n_targets = loss_module(**batch)
@@ -33,10 +39,41 @@ class Evaluator:
         mean = loss_sum / n_targets
         return {"val/loss": mean, "val/ppl": math.exp(min(mean, 50.0))}
 
+    @cached_property
+    def bertscore(self) -> BertScore | None:
+        if not self.cfg.bertscore_model:
+            return None
+        return BertScore(self.cfg.bertscore_model, self.cfg.bertscore_layer, str(self.accelerator.device))
+
+    def decode(self, model) -> dict[str, float]:
+        """Constrained greedy answers to the validation questions, scored: val/acc, val/bleu_*, val/proxy_total
+        (and val/bertscore_*, val/total when eval.bertscore_model is set)."""
+        examples = self._shard(self.data.val_examples[:self.cfg.max_questions or None])
+        with self.autocast():
+            decoded = decode_constrained(model, self.fmt, [e.question for e in examples], self.cfg.batch_size,
+                                         self.cfg.max_new_tokens)
+        items = score_answers([e.answer for e in examples], [d.answer for d in decoded], self.bertscore).items
+        words = [a for item in items for a in item.words]
+        sents = [a for item in items for a in item.sents]
+        values = {"bleu_words": [a.bleu for a in words], "bleu_sents": [a.bleu for a in sents],
+                  "acc": [float(item.correct) for item in items if item.correct is not None]}
+        if self.bertscore is not None:
+            values |= {"bertscore_words": [a.bertscore for a in words], "bertscore_sents": [a.bertscore for a in sents]}
+        local = [x for v in values.values() for x in (sum(v), len(v))]  # per-rank sums and counts
+        totals = self.accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=self.accelerator.device))
+        means = {name: (s / n if n else None) for name, (s, n) in zip(values, totals.view(-1, 2).tolist())}
+        means["proxy_total"] = combine(means["acc"], [means["bleu_words"], means["bleu_sents"]])
+        if self.bertscore is not None:
+            means["total"] = combine(means["acc"], [means["bleu_words"], means["bleu_sents"],
+                                                    means["bertscore_words"], means["bertscore_sents"]])
+        return {f"val/{name}": value for name, value in means.items() if value is not None}
+
     def run(self, loss_module, model) -> dict[str, float]:
         """Metrics for the current weights; leaves the model in eval mode (the loop switches it back)."""
         metrics: dict[str, float] = {}
         loss_module.eval()
         if self.cfg.loss and self.data.val_dataset is not None and len(self.data.val_dataset):
             metrics.update(self.loss(loss_module))
+        if self.cfg.decode and self.data.val_examples:
+            metrics.update(self.decode(model))
         return metrics

@@ -125,7 +125,9 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _combine(acc: float | None, parts: list[float | None]) -> float | None:
+def combine(acc: float | None, parts: list[float | None]) -> float | None:
+    """0.5 * acc + 0.5 * mean(parts): the official total over (bleu_w, bleu_s, bert_w, bert_s), or the proxy over
+    the two BLEUs; None when any input is missing."""
     if acc is None or any(p is None for p in parts):
         return None
     return 0.5 * acc + 0.5 * sum(parts) / len(parts)
@@ -178,12 +180,12 @@ class Scores:
     @property
     def total(self) -> float | None:
         """The official total; None when any part is missing (BERTScore off, or nothing to average)."""
-        return _combine(self.acc, [self.bleu_words, self.bleu_sents, self.bertscore_words, self.bertscore_sents])
+        return combine(self.acc, [self.bleu_words, self.bleu_sents, self.bertscore_words, self.bertscore_sents])
 
     @property
     def proxy_total(self) -> float | None:
         """0.5 * acc + 0.5 * mean(bleu_words, bleu_sents): the in-training curve, where BERTScore is off."""
-        return _combine(self.acc, [self.bleu_words, self.bleu_sents])
+        return combine(self.acc, [self.bleu_words, self.bleu_sents])
 
     @property
     def incomplete(self) -> bool:

@@ -214,3 +214,19 @@ torch.save(get_peft_model_state_dict(model), {str(tmp_path)!r} + f"/rank{{rank}}
     lines = metrics(tmp_path / "run")
     assert [m["step"] for m in lines if "train/loss" in m] == [1, 2, 3]  # one writer: no duplicated lines
     assert "processes: 2" in result.stdout
+
+
+def test_in_loop_constrained_decoding_logs_task_curves(tiny_model_dir, few_poems, tmp_path):
+    # 13 held-out sample poems: enough disjoint emotions among them for every option set
+    cfg = config(tiny_model_dir, SAMPLE / "train-data", tmp_path, "eval.decode=true", "train.max_steps=2",
+                 "eval.every=1", "eval.max_questions=4", "eval.max_new_tokens=4", "eval.batch_size=2",
+                 "eval.best_metric=val/proxy_total", "eval.best_mode=max")
+    run_dir, model = train_script.train(cfg)
+    evaluations = [m for m in metrics(run_dir) if "val/loss" in m]
+    assert [m["step"] for m in evaluations] == [1, 2]
+    for m in evaluations:
+        assert {"val/acc", "val/bleu_words", "val/bleu_sents", "val/proxy_total", "val/seconds"} <= set(m)
+        assert 0 <= m["val/acc"] <= 1 and m["val/proxy_total"] == pytest.approx(
+            0.5 * m["val/acc"] + 0.25 * (m["val/bleu_words"] + m["val/bleu_sents"]))
+    assert json.loads((run_dir / "checkpoints" / "best.json").read_text())["metric"] == "val/proxy_total"
+    assert [m["step"] for m in metrics(run_dir) if "train/loss" in m] == [1, 2]  # training went on after decoding
