@@ -87,7 +87,7 @@ def train(cfg):
 
     # --- model: frozen base + fp32 LoRA adapters
     cfg.model.path = resolve_model_path(cfg.model.path)
-    run.print(estimate_table(cfg)[0])
+    run.print(estimate_table(cfg, device=device.type)[0])
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     model = add_lora(load_model(cfg.model, device), cfg.lora)
     trainable, total = trainable_parameters(model)
@@ -116,7 +116,7 @@ def train(cfg):
     def autocast():
         return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
 
-    evaluator = Evaluator(cfg.eval, data, fmt, collate, accelerator, autocast)
+    evaluator = Evaluator(cfg.eval, data, fmt, collate, accelerator, autocast, run.heartbeat)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
 
     # --- resume: adapter, optimizer, scheduler, scaler, sampler and RNG exactly where they were
@@ -134,7 +134,7 @@ def train(cfg):
         set_rng_state(state["rng"])
         run.print(f"resumed from {resume} at optimizer step {step} (epoch {epoch}, micro-step {micro_step})")
 
-    def save(is_best: bool = False) -> None:
+    def save() -> None:
         if accelerator.is_main_process:
             save_checkpoint(checkpoints, step, model, cfg, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -143,6 +143,7 @@ def train(cfg):
             prune(checkpoints, cfg.train.keep_last)
         accelerator.wait_for_everyone()
 
+    memory = MemoryMonitor(device)
     eval_time = 0.0
 
     def evaluate() -> bool:
@@ -164,7 +165,6 @@ def train(cfg):
         return bool(broadcast_object_list([is_best])[0])
 
     # --- the loop
-    memory = MemoryMonitor(device)
     snapshot = CudaSnapshot(run_dir / "memory_snapshot.pickle", cfg.train.profile_memory)
     snapshot.start()
     run.start_progress(total_steps, step)

@@ -17,9 +17,9 @@ from .metrics import BertScore, combine, score_answers
 
 
 class Evaluator:
-    def __init__(self, cfg: EvalConfig, data, fmt, collate, accelerator, autocast: Callable):
+    def __init__(self, cfg: EvalConfig, data, fmt, collate, accelerator, autocast: Callable, heartbeat: Callable):
         self.cfg, self.data, self.fmt, self.collate = cfg, data, fmt, collate
-        self.accelerator, self.autocast = accelerator, autocast
+        self.accelerator, self.autocast, self.heartbeat = accelerator, autocast, heartbeat
 
     def _shard(self, items: list) -> list:
         return items[self.accelerator.process_index::self.accelerator.num_processes]
@@ -51,7 +51,7 @@ class Evaluator:
         examples = self._shard(self.data.val_examples[:self.cfg.max_questions or None])
         with self.autocast():
             decoded = decode_constrained(model, self.fmt, [e.question for e in examples], self.cfg.batch_size,
-                                         self.cfg.max_new_tokens)
+                                         self.cfg.max_new_tokens, self.heartbeat("validation decoding", len(examples)))
         items = score_answers([e.answer for e in examples], [d.answer for d in decoded], self.bertscore).items
         words = [a for item in items for a in item.words]
         sents = [a for item in items for a in item.sents]

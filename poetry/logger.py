@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import warnings
 import time
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +31,8 @@ def quiet_libraries() -> None:
     """tqdm bars from transformers/datasets write carriage returns into logs; the run's own console replaces them."""
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # PEFT still calls transformers' v4 names (is_gradient_checkpointing): nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
     import datasets
     import transformers
 
@@ -92,6 +95,19 @@ class RunLog:
                 self.print(f"step {step}  {format_metrics(metrics)}")
         elif echo:
             self.print(f"step {step}  {format_metrics(metrics)}")
+
+    def heartbeat(self, label: str, total: int, every_s: float = 20.0):
+        """A progress callback (called with items finished) that prints a line at most every `every_s` seconds, so
+        a long evaluation never sits silent."""
+        state = {"done": 0, "last": time.time()}
+
+        def report(finished: int) -> None:
+            state["done"] += finished
+            if time.time() - state["last"] >= every_s:
+                state["last"] = time.time()
+                self.print(f"  {label}: {state['done']}/{total}")
+
+        return report
 
     def draw_curves(self) -> list[Path]:
         """Redraw the PNG curves from everything logged so far."""

@@ -103,14 +103,14 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda") -> list[tuple[str,
     return rows
 
 
-def estimate_table(cfg: Config, budget_gb: float = 32.0):
+def estimate_table(cfg: Config, budget_gb: float = 32.0, device: str = "cuda"):
     from rich.table import Table
     from transformers import AutoConfig
 
     shape = Shape.from_config(AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code))
-    rows = estimate(cfg, shape)
+    rows = estimate(cfg, shape, device)
     total = sum(gb for _, gb, _ in rows)
-    table = Table(title=f"memory estimate: {cfg.model.path}")
+    table = Table(title=f"memory estimate ({device}): {cfg.model.path}")
     for column, justify in (("what", "left"), ("GiB", "right"), ("counted as", "left")):
         table.add_column(column, justify=justify)
     for what, gb, how in rows:

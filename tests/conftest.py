@@ -26,6 +26,18 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer(str(tiny_model_dir))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Decoding runs thousands of tiny forwards: on a shared 2-core machine two torch threads fighting other jobs
+    ran ~20x slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shared_train():
     if not SHARED_TRAIN.is_dir():

@@ -20,13 +20,7 @@ KEYS_SENTS = ("春草明年绿, 王孙归不归？",)
 QUESTION = Question(0, "送别", "山中相送罢，日暮掩柴扉。", KEYS_WORDS, KEYS_SENTS, OPTIONS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared: two torch threads fighting other jobs run ~20x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ _spec.loader.exec_module(infer)
 EVAL = SAMPLE / "eval.json"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared: two torch threads fighting other jobs run ~20x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(capsys, *argv):
