@@ -21,7 +21,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 # Before transformers is imported: its bars would put carriage returns into logs
 os.environ.setdefault("TQDM_DISABLE", "1")

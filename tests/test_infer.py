@@ -61,6 +61,16 @@ def test_predict_writes_a_valid_submission_in_order(tiny_model_dir, tmp_path, ca
     assert "wrote 14 answers" in printed.out and "constrained decoding" in printed.out
 
 
+@pytest.mark.parametrize("flag", ["--load-in-4bit", "--load-in-8bit"])
+def test_quantized_base_with_adapter_writes_a_valid_submission(tiny_model_dir, adapter_dir, few_questions, tmp_path,
+                                                               capsys, flag):
+    out = tmp_path / "quantized.json"
+    code, printed = run(capsys, "--model", tiny_model_dir, "--adapter", adapter_dir, flag, "--dtype", "bf16",
+                        "--input", few_questions, "--output", out, "--max-new-tokens", 3)
+    assert code == 0, printed.err
+    check_submission(load_questions(few_questions).records, load_answers(out), str(out))
+
+
 def test_free_decoding_writes_a_valid_submission_and_counts_repairs(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "free.json"
     code, printed = run(capsys, "predict", "--model", tiny_model_dir, "--input", EVAL, "--output", out,
