@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from .questions import QuestionBuilder, align_sentences
+from .questions import QuestionBuilder, align_sentences, clauses
 from .records import Poem
 
 
@@ -47,8 +47,6 @@ class Stats:
 
 
 def compute_stats(poems: list[Poem], max_items: int = 3) -> Stats:
-    from .questions import clauses
-
     builder = QuestionBuilder(poems, max_items=max_items)
     alignments = [align_sentences(p.content, p.trans) for p in poems]
     glosses = [g for p in poems for g in p.keywords.values()]
