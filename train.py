@@ -14,11 +14,10 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from poetry.batching import Collator, LengthBucketBatchSampler, target_tokens
@@ -27,8 +26,9 @@ from poetry.checkpoint import load_adapter, load_state, prune, resolve_resume, r
 from poetry.config import ConfigError, load_config
 from poetry.data import DataError
 from poetry.dataset import TaskData
+from poetry.distributed import Parallel
 from poetry.evaluation import Evaluator
-from poetry.logger import RunLog, default_run_dir, quiet_libraries
+from poetry.logger import TRACKER_PROJECT, RunLog, default_run_dir, flat_config, quiet_libraries, tracker_for
 from poetry.loss import TargetOnlyLoss
 from poetry.memory import CudaSnapshot, MemoryMonitor, estimate_table
 from poetry.models import resolve_model_path
@@ -67,31 +67,42 @@ def windows(sampler, size: int):
 def train(cfg):
     """Run the whole training; returns (run directory, trained PeftModel)."""
     quiet_libraries()
-    tracker = None if cfg.log.tracker == "none" else cfg.log.tracker
-    accelerator = Accelerator(cpu=cfg.train.cpu, log_with=tracker)
-    device, world = accelerator.device, accelerator.num_processes
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    tracker = tracker_for(cfg.log)
+    processes = PartialState(cpu=cfg.train.cpu)  # the process group first: the ranks agree on one run directory
+    launched, world = int(os.environ.get("WORLD_SIZE", "1")), processes.num_processes
     if launched != world:  # torchrun on CPU without cpu=True: N independent runs that each believe they are rank 0
         raise ConfigError(f"{launched} processes were launched but Accelerate sees {world}; on CPU set train.cpu=true")
+    chosen = cfg.log.dir or run_dir_to_resume(cfg.train.resume) or default_run_dir()
+    run_dir = Path(broadcast_object_list([str(chosen)])[0])
+    cfg.log.dir = str(run_dir)
+    accelerator = Accelerator(cpu=cfg.train.cpu, log_with=tracker, project_dir=run_dir)
+    device = accelerator.device
+    parallel = Parallel(accelerator, cfg)  # DDP, or FSDP2 shards with train.fsdp / an FSDP accelerate config
     if device.type == "cpu" and cfg.model.quantization == "4bit" and cfg.eval.every:
         raise ConfigError("model.quantization=4bit on CPU: bitsandbytes breaks the training step after an in-loop "
                           "no_grad forward (silently wrong LoRA gradients on Llama); use 8bit or none, or eval.every=0")
-    chosen = cfg.log.dir or run_dir_to_resume(cfg.train.resume) or default_run_dir()
-    run_dir = Path(broadcast_object_list([str(chosen)])[0])  # one directory for all ranks
-    cfg.log.dir = str(run_dir)
     if tracker:
-        accelerator.init_trackers(run_dir.name, config=cfg.to_dict())
+        accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(cfg),
+                                  init_kwargs={"wandb": {"name": run_dir.name}})
     run = RunLog(cfg, run_dir, accelerator.is_main_process, accelerator if tracker else None)
     set_seed(cfg.train.seed)  # same LoRA init on every rank
-    run.print(f"run directory: {run_dir}   processes: {world}   device: {device}")
+    sharing = "FSDP" if parallel.fsdp else "DDP" if world > 1 else "one process"
+    run.print(f"run directory: {run_dir}   processes: {world} ({sharing})   device: {device}")
+    checkpoints = run_dir / "checkpoints"
+    resume = resolve_resume(cfg.train.resume, checkpoints)
 
-    # --- model: frozen base + fp32 LoRA adapters
-    cfg.model.path = resolve_model_path(cfg.model.path)
-    run.print(estimate_table(cfg, device=device.type)[0])
+    # --- model: frozen base + fp32 LoRA adapters, replicated (DDP) or sharded (FSDP) over the processes
+    with accelerator.main_process_first():  # a builtin:NAME model is built once, by rank 0
+        cfg.model.path = resolve_model_path(cfg.model.path)
+    run.print(estimate_table(cfg, device=device.type, shards=world if parallel.fsdp else 1)[0])
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     model = add_lora(load_model(cfg.model, device), cfg.lora)
     trainable, total = trainable_parameters(model)
     run.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    if resume:
+        load_adapter(model, resume)  # before sharding: the saved tensors are whole
+    loss_model = parallel.wrap(TargetOnlyLoss(model))
+    trainable_params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP swaps in shards
 
     # --- data: questions re-drawn per epoch, bucketed by length, padded per batch
     fmt = PromptFormat(tokenizer, cfg.data.system_prompt)
@@ -104,29 +115,25 @@ def train(cfg):
               f"questions per epoch: {len(data.train_epoch(0))}; validation questions: {len(data.val_examples)}")
 
     # --- optimization
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train)  # over the (sharded) adapters, so after wrap
     steps_per_epoch = math.ceil(len(sampler) / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)  # max_steps, when set, overrides train.epochs
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     precision = cfg.train.precision
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    loss_model = accelerator.prepare(TargetOnlyLoss(model))  # DDP wraps the loss module, so LoRA grads sync
+    scaler = parallel.grad_scaler(device.type, enabled=precision == "fp16")
 
     def autocast():
         return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
 
-    evaluator = Evaluator(cfg.eval, data, fmt, collate, accelerator, autocast, run.heartbeat)
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    evaluator = Evaluator(cfg.eval, data, fmt, collate, parallel, autocast, run.heartbeat)
 
-    # --- resume: adapter, optimizer, scheduler, scaler, sampler and RNG exactly where they were
+    # --- resume: optimizer, scheduler, scaler, sampler and RNG exactly where they were (the adapter is loaded)
     step = micro_step = skipped = 0
     epoch = 0
-    checkpoints = run_dir / "checkpoints"
-    if resume := resolve_resume(cfg.train.resume, checkpoints):
+    if resume:
         state = load_state(resume)
-        load_adapter(model, resume)
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_optimizer_state_dict(loss_model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
@@ -135,11 +142,13 @@ def train(cfg):
         run.print(f"resumed from {resume} at optimizer step {step} (epoch {epoch}, micro-step {micro_step})")
 
     def save() -> None:
+        adapter = parallel.adapter_state_dict(model)  # collectives under FSDP: every rank takes part
+        optimizer_state = parallel.optimizer_state_dict(loss_model, optimizer)
         if accelerator.is_main_process:
             save_checkpoint(checkpoints, step, model, cfg, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "step": step,
-                "micro_step": micro_step, "skipped": skipped, "epoch": epoch})
+                "micro_step": micro_step, "skipped": skipped, "epoch": epoch}, adapter)
             prune(checkpoints, cfg.train.keep_last)
         accelerator.wait_for_everyone()
 
@@ -184,18 +193,18 @@ def train(cfg):
             loss_total = torch.zeros((), device=device)
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
-                with nullcontext() if last else accelerator.no_sync(loss_model):  # all-reduce once per step
+                with parallel.gradient_sync(loss_model, last):  # reduce gradients once per optimizer step
                     with memory.phase("forward"), autocast():
                         loss_sum, _ = loss_model(**batch)
                     with memory.phase("backward"):
-                        # DDP averages gradients over ranks, so each rank's share is scaled back up by `world`
+                        # DDP and FSDP average gradients over ranks, so each rank's share is scaled back up by `world`
                         scaler.scale(loss_sum * world / step_targets).backward()
                 loss_total += loss_sum.detach()
                 micro_step += 1
 
             with memory.phase("optimizer"):
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, cfg.train.max_grad_norm or math.inf)
+                grad_norm = parallel.clip_grad_norm(trainable_params, cfg.train.max_grad_norm or math.inf)
                 scale = scaler.get_scale()
                 scaler.step(optimizer)  # the scaler skips the update when a gradient is inf/NaN (fp16 overflow)
                 scaler.update()

@@ -53,13 +53,15 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def save_checkpoint(root: Path, step: int, model, config: Config, state: dict) -> Path:
-    """Write atomically; `state` holds optimizer/scheduler/scaler/sampler state dicts and counters."""
+def save_checkpoint(root: Path, step: int, model, config: Config, state: dict,
+                    adapter_weights: dict | None = None) -> Path:
+    """Write atomically; `state` holds optimizer/scheduler/scaler/sampler state dicts and counters;
+    `adapter_weights` replaces the model's own (sharded) ones when given."""
     final = root / f"{PREFIX}{step:06d}"
     temporary = root / f".{final.name}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    model.save_pretrained(temporary)  # PEFT: adapter weights and config only
+    model.save_pretrained(temporary, state_dict=adapter_weights)  # PEFT: adapter weights and config only
     torch.save({**state, "rng": rng_state()}, temporary / STATE_FILE)
     save_config(config, temporary / "config.yaml")
     shutil.rmtree(final, ignore_errors=True)

@@ -79,6 +79,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = ""  # "", "auto" (latest in log.dir) or a checkpoint path
     cpu: bool = False  # force CPU (also for multi-process runs on CPU)
+    fsdp: bool = False  # shard the frozen base across processes (FSDP2) instead of replicating it (DDP)
     profile_memory: bool = False  # record a CUDA memory snapshot of the first steps
 
 
@@ -218,6 +219,12 @@ def validate(config: Config) -> None:
     if t.precision == "fp16" and config.model.dtype == "bf16":
         raise ConfigError("train.precision: fp16 autocast over a bf16 base mixes formats; set model.dtype=fp16 "
                           "or fp32, or use train.precision=bf16")
+    if t.fsdp and config.model.quantization != "none":
+        raise ConfigError("train.fsdp: a bitsandbytes-quantized base cannot be sharded; use model.quantization=none "
+                          "(FSDP spreads a bf16 base over the cards) or one process with the quantized base")
+    if t.fsdp and t.optimizer != "adamw":
+        raise ConfigError(f"train.fsdp: train.optimizer={t.optimizer} (bitsandbytes) cannot step sharded parameters; "
+                          "use train.optimizer=adamw (the adapters' fp32 Adam state is small, and sharded too)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -1,7 +1,8 @@
 """In-loop evaluation on the validation poems: loss / perplexity, and task metrics from constrained decoding.
 
 Validation questions are fixed for the run (poetry.data.validation_examples), so every point of a curve scores the
-same questions. Decoding metrics are computed on each rank's share and summed over ranks before averaging.
+same questions. Metrics are computed on each rank's share and summed over ranks before averaging (under FSDP every
+rank evaluates everything: each forward is a collective).
 """
 from __future__ import annotations
 
@@ -17,25 +18,23 @@ from .metrics import BertScore, combine, score_answers
 
 
 class Evaluator:
-    def __init__(self, cfg: EvalConfig, data, fmt, collate, accelerator, autocast: Callable, heartbeat: Callable):
+    def __init__(self, cfg: EvalConfig, data, fmt, collate, parallel, autocast: Callable, heartbeat: Callable):
         self.cfg, self.data, self.fmt, self.collate = cfg, data, fmt, collate
-        self.accelerator, self.autocast, self.heartbeat = accelerator, autocast, heartbeat
-
-    def _shard(self, items: list) -> list:
-        return items[self.accelerator.process_index::self.accelerator.num_processes]
+        self.parallel, self.autocast, self.heartbeat = parallel, autocast, heartbeat
+        self.device = parallel.accelerator.device
 
     @torch.no_grad()
     def loss(self, loss_module) -> dict[str, float]:
-        dataset, device = self.data.val_dataset, self.accelerator.device
+        dataset, device = self.data.val_dataset, self.device
         order = sorted(range(len(dataset)), key=lambda i: dataset[i]["length"])
         batches = [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
         totals = torch.zeros(2, device=device, dtype=torch.float64)
-        for indices in self._shard(batches):  # shards may differ in size: sums are reduced, not averaged
+        for indices in self.parallel.shard(batches):  # shards may differ in size: sums are reduced, not averaged
             batch = {k: v.to(device) for k, v in self.collate(dataset[indices]).items()}
             with self.autocast():
                 loss_sum, n_targets = loss_module(**batch)
             totals += torch.stack([loss_sum.double(), n_targets.double()])
-        loss_sum, n_targets = self.accelerator.reduce(totals).tolist()
+        loss_sum, n_targets = self.parallel.sum(totals).tolist()
         mean = loss_sum / n_targets
         return {"val/loss": mean, "val/ppl": math.exp(min(mean, 50.0))}
 
@@ -43,13 +42,13 @@ class Evaluator:
     def bertscore(self) -> BertScore | None:
         if not self.cfg.bertscore_model:
             return None
-        return BertScore(self.cfg.bertscore_model, self.cfg.bertscore_layer, str(self.accelerator.device))
+        return BertScore(self.cfg.bertscore_model, self.cfg.bertscore_layer, str(self.device))
 
-    def decode(self, model) -> dict[str, float]:
+    def decode(self, loss_module, model) -> dict[str, float]:
         """Constrained greedy answers to the validation questions, scored: val/acc, val/bleu_*, val/proxy_total
         (and val/bertscore_*, val/total when eval.bertscore_model is set)."""
-        examples = self._shard(self.data.val_examples[:self.cfg.max_questions or None])
-        with self.autocast():
+        examples = self.parallel.shard(self.data.val_examples[:self.cfg.max_questions or None])
+        with self.parallel.whole_model(loss_module), self.autocast():
             decoded = decode_constrained(model, self.fmt, [e.question for e in examples], self.cfg.batch_size,
                                          self.cfg.max_new_tokens, self.heartbeat("validation decoding", len(examples)))
         items = score_answers([e.answer for e in examples], [d.answer for d in decoded], self.bertscore).items
@@ -60,7 +59,7 @@ class Evaluator:
         if self.bertscore is not None:
             values |= {"bertscore_words": [a.bertscore for a in words], "bertscore_sents": [a.bertscore for a in sents]}
         local = [x for v in values.values() for x in (sum(v), len(v))]  # per-rank sums and counts
-        totals = self.accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=self.accelerator.device))
+        totals = self.parallel.sum(torch.tensor(local, dtype=torch.float64, device=self.device))
         means = {name: (s / n if n else None) for name, (s, n) in zip(values, totals.view(-1, 2).tolist())}
         means["proxy_total"] = combine(means["acc"], [means["bleu_words"], means["bleu_sents"]])
         if self.bertscore is not None:
@@ -75,5 +74,5 @@ class Evaluator:
         if self.cfg.loss and self.data.val_dataset is not None and len(self.data.val_dataset):
             metrics.update(self.loss(loss_module))
         if self.cfg.decode and self.data.val_examples:
-            metrics.update(self.decode(model))
+            metrics.update(self.decode(loss_module, model))
         return metrics

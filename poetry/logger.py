@@ -17,7 +17,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .config import Config, save_config
+from .config import Config, ConfigError, LogConfig, save_config
+
+TRACKER_PROJECT = "poetry-sft"  # the wandb/swanlab project; tensorboard events go to <run dir>/poetry-sft/
 
 CURVES = {  # file -> metric prefixes drawn in it
     "loss.png": ("train/loss", "val/loss"),
@@ -39,6 +41,25 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def tracker_for(cfg: LogConfig) -> str | None:
+    """The Accelerate tracker to log to, or None. Accelerate drops a tracker whose package is missing with only a
+    debug message; a run asked to log somewhere must not silently log nowhere."""
+    if cfg.tracker == "none":
+        return None
+    from accelerate.tracking import get_available_trackers
+
+    if cfg.tracker not in {str(tracker) for tracker in get_available_trackers()}:  # enums, not strings
+        raise ConfigError(f"log.tracker={cfg.tracker}: the {cfg.tracker} package is not installed "
+                          f"(pip install {cfg.tracker})")
+    return cfg.tracker
+
+
+def flat_config(cfg: Config) -> dict[str, int | float | str | bool]:
+    """section.key -> scalar: trackers' hyper-parameter tables take no nesting (tensorboard refuses it)."""
+    return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+            for section, values in cfg.to_dict().items() for key, value in values.items()}
 
 
 def default_run_dir() -> str:

@@ -65,8 +65,8 @@ class Shape:
         return self.vocab * self.hidden * (1 if self.tied else 2)
 
 
-def estimate(cfg: Config, shape: Shape, device: str = "cuda") -> list[tuple[str, float, str]]:
-    """Rows of (what, GiB, how it was counted)."""
+def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1) -> list[tuple[str, float, str]]:
+    """Rows of (what, GiB, how it was counted) for one process; `shards` > 1 is FSDP over that many processes."""
     m, t = cfg.model, cfg.train
     base = shape.layers * shape.block_params
     quant = "4bit+dq" if m.quantization == "4bit" and m.double_quant else m.quantization
@@ -88,11 +88,17 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda") -> list[tuple[str,
         activations = tokens * shape.layers * per_layer
         how = f"{tokens} tokens x {shape.layers} layers"
     logits = (tokens // 2) * shape.vocab * 12  # fp32 logits, softmax and grad for ~half the tokens (targets)
-    rows = [
-        ("base weights", base * per_weight / GB, f"{base / 1e9:.2f}B params, {quant if quant != 'none' else m.dtype}"),
+    what = f"{base / 1e9:.2f}B params, {quant if quant != 'none' else m.dtype}"
+    rows = [("base weights", base * per_weight / GB, what)] if shards == 1 else [
+        ("base weights (FSDP shard)", base * per_weight / shards / GB, f"{what} / {shards} processes"),
+        # one layer runs while the next is prefetched; the root unit (embeddings, lm_head) stays whole, below
+        ("gathered layers (FSDP)", 2 * shape.block_params * per_weight / GB, "2 decoder layers unsharded")]
+    lora /= shards  # adapters, their gradients and Adam state are sharded with their layers
+    rows += [
         ("embeddings + lm_head", shape.embedding_params * WEIGHT_BYTES[m.dtype] / GB,
          f"{shape.embedding_params / 1e9:.2f}B params, {m.dtype} ({'tied' if shape.tied else 'untied'})"),
-        ("LoRA weights (fp32)", lora * 4 / GB, f"{lora / 1e6:.1f}M params, r={cfg.lora.r}"),
+        ("LoRA weights (fp32)", lora * 4 / GB, f"{lora / 1e6:.1f}M params{' per shard' if shards > 1 else ''}, "
+                                               f"r={cfg.lora.r}"),
         ("LoRA gradients (fp32)", lora * 4 / GB, ""),
         ("optimizer state", lora * OPTIMIZER_BYTES[t.optimizer] / GB, t.optimizer),
         ("activations", activations / GB, how),
@@ -103,14 +109,15 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda") -> list[tuple[str,
     return rows
 
 
-def estimate_table(cfg: Config, budget_gb: float = 32.0, device: str = "cuda"):
+def estimate_table(cfg: Config, budget_gb: float = 32.0, device: str = "cuda", shards: int = 1):
     from rich.table import Table
     from transformers import AutoConfig
 
     shape = Shape.from_config(AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code))
-    rows = estimate(cfg, shape, device)
+    rows = estimate(cfg, shape, device, shards)
     total = sum(gb for _, gb, _ in rows)
-    table = Table(title=f"memory estimate ({device}): {cfg.model.path}")
+    per_process = f", per process of {shards} (FSDP)" if shards > 1 else ""
+    table = Table(title=f"memory estimate ({device}{per_process}): {cfg.model.path}")
     for column, justify in (("what", "left"), ("GiB", "right"), ("counted as", "left")):
         table.add_column(column, justify=justify)
     for what, gb, how in rows:
@@ -169,11 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m poetry.memory", description="Estimate peak training memory.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--budget-gb", type=float, default=32.0)
+    parser.add_argument("--processes", type=int, default=1, help="with train.fsdp=true: how many shards")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        table, _ = estimate_table(cfg, args.budget_gb)
+        table, _ = estimate_table(cfg, args.budget_gb, shards=args.processes if cfg.train.fsdp else 1)
     except (ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,18 @@ def tiny_model_dir(tmp_path_factory):
     from poetry.models.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny") / "qwen3")
+
+
+@pytest.fixture(scope="session")
+def few_poems(tmp_path_factory):
+    """Eight sample poems as one JSON list: ~20 questions, a few seconds per run."""
+    from poetry.data import load_poems
+
+    poems = load_poems(SAMPLE / "train-data").records[:8]
+    path = tmp_path_factory.mktemp("data") / "poems.json"
+    path.write_text(json.dumps([{"title": p.title, "content": p.content, "keywords": p.keywords, "trans": p.trans,
+                                 "emotion": p.emotion} for p in poems], ensure_ascii=False), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -143,6 +143,11 @@ def test_memory_estimate_rows_follow_the_config():
     assert 0.25 < four_bit["base weights"] / bf16["base weights"] < 0.30
     checkpointed = load_config(None, ["model.gradient_checkpointing=true"])
     assert {w: gb for w, gb, _ in estimate(checkpointed, qwen25_7b_shape())}["activations"] < bf16["activations"] / 5
+    sharded = {what: gb for what, gb, _ in estimate(cfg, qwen25_7b_shape(), shards=4)}
+    assert sharded["base weights (FSDP shard)"] == pytest.approx(bf16["base weights"] / 4)
+    assert sharded["gathered layers (FSDP)"] == pytest.approx(bf16["base weights"] * 2 / 28)
+    assert sharded["LoRA weights (fp32)"] == pytest.approx(bf16["LoRA weights (fp32)"] / 4)
+    assert sharded["embeddings + lm_head"] == bf16["embeddings + lm_head"]  # the root unit is gathered whole
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, SAMPLE
 from poetry.config import load_config
-from poetry.data import load_poems
 
 sys.path.insert(0, str(ROOT))
 import train as train_script  # noqa: E402
@@ -24,16 +23,6 @@ def fresh_accelerator():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def few_poems(tmp_path_factory):
-    """Eight sample poems as one JSON list: ~20 questions, a few seconds per run."""
-    poems = load_poems(SAMPLE / "train-data").records[:8]
-    path = tmp_path_factory.mktemp("data") / "poems.json"
-    path.write_text(json.dumps([{"title": p.title, "content": p.content, "keywords": p.keywords, "trans": p.trans,
-                                 "emotion": p.emotion} for p in poems], ensure_ascii=False), encoding="utf-8")
-    return path
 
 
 def config(tiny_model_dir, data, run_dir, *overrides):
@@ -186,6 +175,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys, few_poems):
     assert train_script.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "model.quantization=4bit",
                               "model.dtype=bf16", f"log.dir={tmp_path / 'q'}"]) == 2
     assert "model.quantization=4bit on CPU" in capsys.readouterr().err
+    for overrides, message in [(["train.fsdp=true", "train.optimizer=paged_adamw_8bit"], "cannot step sharded"),
+                               (["train.fsdp=true", "model.quantization=8bit", "model.dtype=bf16"], "cannot be sharded"),
+                               (["train.fsdp=true"], "sharding needs at least 2 processes")]:
+        assert train_script.main(["--config", str(ROOT / "configs" / "tiny.yaml"), *overrides,
+                                  f"log.dir={tmp_path / 'f'}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: train.fsdp: ") and message in err
 
 
 def test_two_processes_on_cpu_sync_gradients(tiny_model_dir, few_poems, tmp_path):
@@ -230,3 +226,25 @@ def test_in_loop_constrained_decoding_logs_task_curves(tiny_model_dir, few_poems
             0.5 * m["val/acc"] + 0.25 * (m["val/bleu_words"] + m["val/bleu_sents"]))
     assert json.loads((run_dir / "checkpoints" / "best.json").read_text())["metric"] == "val/proxy_total"
     assert [m["step"] for m in metrics(run_dir) if "train/loss" in m] == [1, 2]  # training went on after decoding
+
+
+def test_tensorboard_tracker_receives_the_logged_metrics(tiny_model_dir, few_poems, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(tiny_model_dir, few_poems, tmp_path, "log.tracker=tensorboard", "train.max_steps=2",
+                 "eval.every=1")
+    run_dir, _ = train_script.train(cfg)
+    events = EventAccumulator(str(run_dir / "poetry-sft")).Reload()
+    logged = [m for m in metrics(run_dir) if "train/loss" in m]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == \
+        [(m["step"], pytest.approx(m["train/loss"])) for m in logged]
+    assert [e.step for e in events.Scalars("val/loss")] == [1, 2]
+
+
+def test_a_tracker_that_is_not_installed_is_an_error(capsys):
+    from accelerate.tracking import get_available_trackers
+
+    if "wandb" in map(str, get_available_trackers()):
+        pytest.skip("wandb is installed here")
+    assert train_script.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "log.tracker=wandb"]) == 2
+    assert "log.tracker=wandb: the wandb package is not installed" in capsys.readouterr().err

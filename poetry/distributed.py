@@ -1,0 +1,122 @@
+"""Several processes: data parallel (DDP, the default) or fully sharded (FSDP2), behind one small interface.
+
+DDP keeps the whole frozen base on every device and all-reduces the LoRA gradients once per optimizer step. FSDP
+shards the base as well, so a model too big for one card trains on several: every decoder layer is its own
+all-gather unit and the loss module is the root that owns the embeddings, the final norm and lm_head (tied weights
+stay in one unit). Accelerate's FSDP plugin is not used: it prepares model and optimizer together and saves whole
+models, while a LoRA run wants fp32 adapters on a bf16/fp16 frozen base, an optimizer over the adapters only and
+adapter-only checkpoints. Under FSDP every forward is a collective, so all ranks evaluate the same batches.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+from accelerate.utils import DistributedType
+from torch import nn
+
+from .config import Config, ConfigError, validate
+
+
+class Parallel:
+    def __init__(self, accelerator, cfg: Config):
+        self.accelerator = accelerator
+        # `accelerate launch --config_file configs/accelerate/fsdp.yaml` asks for FSDP on GPUs; Accelerate ignores
+        # FSDP on CPU, where train.fsdp=true asks for it
+        if accelerator.distributed_type == DistributedType.FSDP and not cfg.train.fsdp:
+            cfg.train.fsdp = True
+            validate(cfg)
+        self.fsdp = cfg.train.fsdp
+        if self.fsdp and accelerator.num_processes < 2:
+            raise ConfigError("train.fsdp: sharding needs at least 2 processes (accelerate launch --num_processes N "
+                              "or torchrun --nproc_per_node N; add train.cpu=true on CPU)")
+
+    def wrap(self, loss_module: nn.Module) -> nn.Module:
+        """DDP around the loss module, or FSDP2 shards: one unit per decoder layer, the loss module the root."""
+        if not self.fsdp:
+            return self.accelerator.prepare(loss_module)  # DDP wraps the loss module, so LoRA grads sync
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in loss_module.decoder.layers:
+            fully_shard(layer)
+        fully_shard(loss_module)
+        return loss_module
+
+    def gradient_sync(self, module: nn.Module, sync: bool):
+        """Context for one micro-step: reduce gradients across ranks only when `sync` (the last micro-step)."""
+        if sync:
+            return nullcontext()
+        return self._fsdp_no_sync(module) if self.fsdp else self.accelerator.no_sync(module)
+
+    @staticmethod
+    @contextmanager
+    def _fsdp_no_sync(module):
+        module.set_requires_gradient_sync(False)  # unsharded gradients accumulate locally until the last micro-step
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+
+    def grad_scaler(self, device_type: str, enabled: bool):
+        """The fp16 loss scaler; the sharded one agrees on inf/NaN across ranks, since each sees only its shard."""
+        if self.fsdp:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(device_type, enabled=enabled)
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+
+    @staticmethod
+    def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip in place; the total norm over all ranks' shards as a plain tensor."""
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def shard(self, items: list) -> list:
+        """This rank's share of evaluation work: all of it under FSDP, where every forward is a collective."""
+        if self.fsdp:
+            return items
+        return items[self.accelerator.process_index::self.accelerator.num_processes]
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum per-rank evaluation totals (under FSDP every rank already holds the whole sum)."""
+        return values if self.fsdp else self.accelerator.reduce(values)
+
+    def whole_model(self, loss_module: nn.Module):
+        """Context in which the PEFT model can be called directly (decoding): the root's shards are gathered."""
+        if not self.fsdp:
+            return nullcontext()
+        return self._unsharded(loss_module)
+
+    @staticmethod
+    @contextmanager
+    def _unsharded(module):
+        module.unshard()  # the layers gather their own weights in their forward hooks
+        try:
+            yield
+        finally:
+            module.reshard()
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Whole adapter weights for PEFT's save_pretrained (None = let PEFT read them). A collective under FSDP:
+        every rank calls it; only the LoRA parameters are gathered, never the base."""
+        if not self.fsdp:
+            return None
+        return {name: param.full_tensor().cpu() for name, param in model.named_parameters() if param.requires_grad}
+
+    def optimizer_state_dict(self, loss_module: nn.Module, optimizer) -> dict:
+        """Optimizer state to save; under FSDP gathered whole on rank 0 (keyed by parameter name), a collective."""
+        if not self.fsdp:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(loss_module, optimizer, options=options)
+
+    def load_optimizer_state_dict(self, loss_module: nn.Module, optimizer, state: dict) -> None:
+        """Every rank reads the whole state and keeps its shard."""
+        if not self.fsdp:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(loss_module, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,96 @@
+"""FSDP2 on CPU (gloo), 2 processes: the sharded run learns what the DDP run learns, saves an ordinary PEFT adapter
+and resumes exactly. Accelerate ignores FSDP on CPU, so these runs ask for it with train.fsdp=true."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+STEPS = 4
+
+
+def torchrun(tiny_model_dir, few_poems, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+               f"model.path={tiny_model_dir}", f"data.train={few_poems}", f"log.dir={run_dir}", "train.cpu=true",
+               "log.curves=false", "data.max_items=1", "train.micro_batch_size=2", "data.val_fraction=0.25",
+               "train.precision=fp32", "lora.dropout=0", f"train.max_steps={STEPS}",
+               "train.save_every=2", "train.keep_last=10", "eval.every=2", "eval.max_questions=2",
+               "eval.max_new_tokens=4", "eval.batch_size=2", *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, few_poems, tmp_path_factory):
+    """The same 4 steps as DDP, as FSDP, and as FSDP stopped at step 2 and resumed in another directory."""
+    root = tmp_path_factory.mktemp("fsdp")
+    outputs = {"ddp": torchrun(tiny_model_dir, few_poems, root / "ddp"),
+               "fsdp": torchrun(tiny_model_dir, few_poems, root / "fsdp", "train.fsdp=true")}
+    outputs["resumed"] = torchrun(tiny_model_dir, few_poems, root / "resumed", "train.fsdp=true",
+                                  f"train.resume={root / 'fsdp' / 'checkpoints' / 'step-000002'}")
+    return root, outputs
+
+
+def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step-{STEPS:06d}" / "adapter_model.safetensors")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fsdp_learns_what_ddp_learns(runs):
+    root, outputs = runs
+    assert "processes: 2 (FSDP)" in outputs["fsdp"].stdout and "processes: 2 (DDP)" in outputs["ddp"].stdout
+    ddp, fsdp = final_adapter(root / "ddp"), final_adapter(root / "fsdp")
+    assert sorted(ddp) == sorted(fsdp)  # the same PEFT keys: loadable wherever the DDP adapter is
+    assert any("lora_B" in k and fsdp[k].abs().max() > 0 for k in fsdp)
+    for key in ddp:  # all-reduce and reduce-scatter add in different orders
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-6)
+    ddp_lines, fsdp_lines = metrics(root / "ddp"), metrics(root / "fsdp")
+    assert [m["step"] for m in fsdp_lines if "train/loss" in m] == list(range(1, STEPS + 1))  # one writer
+    for name in ("train/loss", "train/grad_norm", "val/loss", "val/bleu_words"):  # decoded answers too
+        expected = [m[name] for m in ddp_lines if name in m]
+        assert expected and [m[name] for m in fsdp_lines if name in m] == pytest.approx(expected, rel=1e-4)
+
+
+def test_fsdp_resume_is_exact(runs):
+    root, outputs = runs
+    assert "resumed from" in outputs["resumed"].stdout
+    straight, resumed = final_adapter(root / "fsdp"), final_adapter(root / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    state = torch.load(root / "fsdp" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
+    assert any("lora_A" in name for name in state["optimizer"]["state"])  # whole state, keyed by parameter name
+
+
+@pytest.mark.parametrize("name, kind", [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"), ("fsdp", "FSDP")])
+def test_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml")).distributed_type == kind
+
+
+def test_an_fsdp_launch_selects_the_sharded_path():
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` gives Accelerate's FSDP type (GPU only): the loop
+    shards, and the config is checked again as if train.fsdp=true had been given."""
+    from accelerate.utils import DistributedType
+
+    from poetry.config import ConfigError, load_config
+    from poetry.distributed import Parallel
+
+    launched = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=4)
+    assert Parallel(launched, load_config(ROOT / "configs" / "tiny.yaml")).fsdp
+    with pytest.raises(ConfigError, match="train.fsdp: train.optimizer=paged_adamw_8bit"):
+        Parallel(launched, load_config(ROOT / "configs" / "qwen2.5-7b-lora.yaml"))
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=4)
+    assert not Parallel(ddp, load_config(ROOT / "configs" / "qwen2.5-7b-lora.yaml")).fsdp
