@@ -94,3 +94,46 @@ def test_an_fsdp_launch_selects_the_sharded_path():
         Parallel(launched, load_config(ROOT / "configs" / "qwen2.5-7b-lora.yaml"))
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=4)
     assert not Parallel(ddp, load_config(ROOT / "configs" / "qwen2.5-7b-lora.yaml")).fsdp
+
+
+def test_fsdp_fp16_skips_an_overflow_on_every_rank(tiny_model_dir, few_poems, tmp_path):
+    """fp16 autocast + the sharded GradScaler: an inf in rank 1's gradient shard alone, at the 3rd step, makes both
+    ranks skip that step and halve the scale together (else their shards would drift apart)."""
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+from poetry.config import load_config
+from poetry.distributed import Parallel
+
+original_grad_scaler = Parallel.grad_scaler
+
+def grad_scaler_with_fault(self, device_type, enabled):
+    scaler = original_grad_scaler(self, device_type, enabled)
+    unscale, calls = scaler.unscale_, []
+
+    def unscale_(optimizer):
+        calls.append(1)
+        if len(calls) == 3 and os.environ["RANK"] == "1":
+            shards = [p.grad.to_local() for group in optimizer.param_groups for p in group["params"]]
+            next(shard for shard in shards if shard.numel()).view(-1)[0] = float("inf")  # this rank's shard only
+        return unscale(optimizer)
+
+    scaler.unscale_ = unscale_
+    return scaler
+
+Parallel.grad_scaler = grad_scaler_with_fault
+train.train(load_config({str(ROOT / 'configs' / 'tiny.yaml')!r}, [
+    "model.path={tiny_model_dir}", "data.train={few_poems}", "log.dir={tmp_path / 'run'}", "train.cpu=true",
+    "train.fsdp=true", "train.precision=fp16", "model.dtype=fp32", "train.max_steps=4", "train.grad_accum=1",
+    "train.micro_batch_size=1", "data.val_fraction=0", "data.max_items=1", "log.curves=false"]))
+""")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [m for m in metrics(tmp_path / "run") if "train/loss" in m]  # rank 0's view
+    assert [m["train/skipped_steps"] for m in steps] == [0, 0, 1, 1]
+    assert steps[2]["train/loss_scale"] == steps[1]["train/loss_scale"] / 2
+    assert all(torch.isfinite(value).all() for value in final_adapter(tmp_path / "run").values())
