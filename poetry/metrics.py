@@ -68,6 +68,7 @@ class BertScore:
             raise MetricUnavailable(f"cannot load a BERTScore model from {path} at layer {layer}: "
                                     f"{type(err).__name__}: {err}") from err
         self._cap_tokenizer_length()
+        self._frame_like_bert()
         self._scorer._model.float()  # a bf16 checkpoint loads as bf16: identical strings then score F1 = 1.0013
 
     def _cap_tokenizer_length(self) -> None:
@@ -77,6 +78,28 @@ class BertScore:
         positions = getattr(config, "max_position_embeddings", None)
         if positions and tokenizer.model_max_length > positions:
             tokenizer.model_max_length = positions
+
+    def _frame_like_bert(self) -> None:
+        """bert-score assumes BERT's framing, [CLS] text [SEP]: both framing tokens get weight 0, and a text of two
+        tokens counts as empty and scores 0. A decoder's tokenizer breaks both: Gemma's adds only <bos>, which then
+        matches the other side's <bos> perfectly at full weight (inflating every score) while a one-token answer is
+        zeroed as "empty"; Qwen's adds nothing, so every two-token answer is zeroed. Such tokenizers are given the
+        same frame: <bos> (else <eos>) before the text, <eos> after it. (Not the pad token: its embedding row may
+        be all zeros, and bert-score normalises every token's vector, framing ones included.)"""
+        tokenizer = self._scorer._tokenizer
+        if tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None:
+            return
+        from tokenizers.processors import TemplateProcessing
+
+        first = tokenizer.bos_token or tokenizer.eos_token
+        last = tokenizer.eos_token
+        if first is None or last is None or not hasattr(tokenizer, "backend_tokenizer"):
+            raise MetricUnavailable(f"{type(tokenizer).__name__} has neither [CLS]/[SEP] nor <bos>/<eos> tokens to "
+                                    "frame texts with, as BERTScore needs")
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single=f"{first} $A {last}",
+            special_tokens=[(token, tokenizer.convert_tokens_to_ids(token)) for token in dict.fromkeys([first, last])])
+        tokenizer.cls_token, tokenizer.sep_token = first, last  # bert-score gives these two weight 0
 
     def f1(self, candidates: list[str], references: list[str]) -> list[float]:
         """F1 per (candidate, reference) pair; a pair with an empty side scores 0 without reaching the model."""

@@ -183,3 +183,36 @@ def test_missing_or_broken_model_is_unavailable(tmp_path):
 def test_layer_beyond_the_model_is_unavailable(tmp_path):
     with pytest.raises(MetricUnavailable, match="num_layers"):
         BertScore(build_tiny_bert(tmp_path / "bert", model_max_length=128), layer=5)
+
+
+def by_hand_f1(model_dir, layer: int, candidate: str, reference: str) -> float:
+    """BERTScore F1 computed directly, as bert-score does for BERT: the first `layer` layers over the framed text;
+    each real token takes its best match among all the other side's tokens (frame included, like [CLS]/[SEP]), and
+    only real tokens are averaged."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    model.layers = model.layers[:layer]
+    frame = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+
+    def embed(text):
+        ids = frame + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        return torch.nn.functional.normalize(hidden.float(), dim=-1)
+
+    similarity = embed(candidate) @ embed(reference).T
+    precision, recall = similarity.max(1).values[1:-1].mean(), similarity.max(0).values[1:-1].mean()
+    return float(2 * precision * recall / (precision + recall))
+
+
+def test_bertscore_frames_a_decoder_tokenizer_like_bert(tiny_model_dir, capfd):
+    """The tiny model's Qwen tokenizer adds no special tokens: unframed, bert-score zeroes every two-token answer
+    as 'empty' (and a <bos>-only tokenizer would count <bos> as a perfect match)."""
+    scorer = BertScore(tiny_model_dir, layer=1)
+    pairs = [("月", "日"), ("明月", "月光"), ("床前明月光", "床前明月光"), ("低头思故乡", "举头望明月")]
+    f1 = scorer.f1([c for c, _ in pairs], [r for _, r in pairs])
+    assert f1 == pytest.approx([by_hand_f1(tiny_model_dir, 1, c, r) for c, r in pairs], abs=1e-5)
+    assert f1[2] == pytest.approx(1.0, abs=1e-5) and all(0 < value < 0.999 for value in (f1[0], f1[1], f1[3]))
+    assert "Empty candidate" not in capfd.readouterr().err
