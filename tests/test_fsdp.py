@@ -16,28 +16,32 @@ from conftest import ROOT
 STEPS = 4
 
 
-def torchrun(tiny_model_dir, few_poems, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-               f"model.path={tiny_model_dir}", f"data.train={few_poems}", f"log.dir={run_dir}", "train.cpu=true",
-               "log.curves=false", "data.max_items=1", "train.micro_batch_size=2", "data.val_fraction=0.25",
-               "train.precision=fp32", "lora.dropout=0", f"train.max_steps={STEPS}",
-               "train.save_every=2", "train.keep_last=10", "eval.every=2", "eval.max_questions=2",
-               "eval.max_new_tokens=4", "eval.batch_size=2", *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """A script on 2 CPU processes; it must succeed."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             *args], capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def train_tiny(tiny_model_dir, few_poems, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return torchrun(str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+                    f"model.path={tiny_model_dir}", f"data.train={few_poems}", f"log.dir={run_dir}", "train.cpu=true",
+                    "log.curves=false", "data.max_items=1", "train.micro_batch_size=2", "data.val_fraction=0.25",
+                    "train.precision=fp32", "lora.dropout=0", f"train.max_steps={STEPS}", "train.save_every=2",
+                    "train.keep_last=10", "eval.every=2", "eval.max_questions=2", "eval.max_new_tokens=4",
+                    "eval.batch_size=2", *overrides)
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, few_poems, tmp_path_factory):
     """The same 4 steps as DDP, as FSDP, and as FSDP stopped at step 2 and resumed in another directory."""
     root = tmp_path_factory.mktemp("fsdp")
-    outputs = {"ddp": torchrun(tiny_model_dir, few_poems, root / "ddp"),
-               "fsdp": torchrun(tiny_model_dir, few_poems, root / "fsdp", "train.fsdp=true")}
-    outputs["resumed"] = torchrun(tiny_model_dir, few_poems, root / "resumed", "train.fsdp=true",
-                                  f"train.resume={root / 'fsdp' / 'checkpoints' / 'step-000002'}")
+    outputs = {"ddp": train_tiny(tiny_model_dir, few_poems, root / "ddp"),
+               "fsdp": train_tiny(tiny_model_dir, few_poems, root / "fsdp", "train.fsdp=true")}
+    outputs["resumed"] = train_tiny(tiny_model_dir, few_poems, root / "resumed", "train.fsdp=true",
+                                    f"train.resume={root / 'fsdp' / 'checkpoints' / 'step-000002'}")
     return root, outputs
 
 
@@ -129,10 +133,7 @@ train.train(load_config({str(ROOT / 'configs' / 'tiny.yaml')!r}, [
     "train.fsdp=true", "train.precision=fp16", "model.dtype=fp32", "train.max_steps=4", "train.grad_accum=1",
     "train.micro_batch_size=1", "data.val_fraction=0", "data.max_items=1", "log.curves=false"]))
 """)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script)], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(str(script))
     steps = [m for m in metrics(tmp_path / "run") if "train/loss" in m]  # rank 0's view
     assert [m["train/skipped_steps"] for m in steps] == [0, 0, 1, 1]
     assert steps[2]["train/loss_scale"] == steps[1]["train/loss_scale"] / 2
