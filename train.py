@@ -88,6 +88,7 @@ def train(cfg):
     set_seed(cfg.train.seed)  # same LoRA init on every rank
     sharing = "FSDP" if parallel.fsdp else "DDP" if world > 1 else "one process"
     run.print(f"run directory: {run_dir}   processes: {world} ({sharing})   device: {device}")
+    run.print_config()
     checkpoints = run_dir / "checkpoints"
     resume = resolve_resume(cfg.train.resume, checkpoints)
 

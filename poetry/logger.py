@@ -88,6 +88,11 @@ class RunLog:
             save_config(cfg, self.dir / "config.yaml")
             self.metrics_file = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
 
+    def print_config(self) -> None:
+        """The effective config (YAML, overrides applied), one line per section; the full file is config.yaml."""
+        for section, values in self.cfg.to_dict().items():
+            self.print(f"{section}: " + "  ".join(f"{key}={value}" for key, value in values.items()))
+
     def print(self, *parts) -> None:
         if self.is_main:
             (self.progress.console if self.progress else self.console).print(*parts)

@@ -53,10 +53,13 @@ def test_tiny_overfit_drives_loss_down(tiny_model_dir, few_poems, tmp_path):
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:2]) / 2
 
 
-def test_run_directory_checkpoints_and_curves(tiny_model_dir, few_poems, tmp_path):
+def test_run_directory_checkpoints_and_curves(tiny_model_dir, few_poems, tmp_path, capsys):
     cfg = config(tiny_model_dir, few_poems, tmp_path, "train.max_steps=6", "train.save_every=2", "train.keep_last=1",
                  "eval.every=2", "log.curves=true", "data.val_fraction=0.3")
     run_dir, model = train_script.train(cfg)
+    printed = capsys.readouterr().out  # the effective config, overrides included, before training starts
+    assert "train: seed=0" in printed and "keep_last=1" in printed and "eval: every=2" in printed
+    assert printed.index("keep_last=1") < printed.index("trainable parameters") < printed.index("step 1 ")
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoints", "loss.png", "lr.png"}
     records = metrics(run_dir)
     step_keys = {"train/loss", "train/lr", "train/grad_norm", "train/loss_scale", "train/skipped_steps",
