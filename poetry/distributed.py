@@ -35,9 +35,13 @@ class Parallel:
         """DDP around the loss module, or FSDP2 shards: one unit per decoder layer, the loss module the root."""
         if not self.fsdp:
             return self.accelerator.prepare(loss_module)  # DDP wraps the loss module, so LoRA grads sync
+        layers = getattr(loss_module.decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ConfigError(f"train.fsdp: {type(loss_module.decoder).__name__} keeps no decoder layers in "
+                              "`.layers`, the units FSDP shards by; train this model with DDP")
         from torch.distributed.fsdp import fully_shard
 
-        for layer in loss_module.decoder.layers:
+        for layer in layers:
             fully_shard(layer)
         fully_shard(loss_module)
         return loss_module

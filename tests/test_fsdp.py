@@ -138,3 +138,16 @@ train.train(load_config({str(ROOT / 'configs' / 'tiny.yaml')!r}, [
     assert [m["train/skipped_steps"] for m in steps] == [0, 0, 1, 1]
     assert steps[2]["train/loss_scale"] == steps[1]["train/loss_scale"] / 2
     assert all(torch.isfinite(value).all() for value in final_adapter(tmp_path / "run").values())
+
+
+def test_a_decoder_without_layers_cannot_be_sharded():
+    from accelerate.utils import DistributedType
+    from torch import nn
+
+    from poetry.config import ConfigError, load_config
+    from poetry.distributed import Parallel
+
+    parallel = Parallel(SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2),
+                        load_config(ROOT / "configs" / "tiny.yaml"))
+    with pytest.raises(ConfigError, match="keeps no decoder layers in `.layers`"):
+        parallel.wrap(SimpleNamespace(decoder=nn.Sequential(nn.Linear(2, 2))))
