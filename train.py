@@ -10,42 +10,57 @@ path for fp32/bf16/fp16 on CPU and CUDA (Accelerate's own fp16 silently runs fp3
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
-import time
-from pathlib import Path
 
-import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list, set_seed
 
-from poetry.batching import Collator, LengthBucketBatchSampler, target_tokens
-from poetry.checkpoint import load_adapter, load_state, prune, resolve_resume, run_dir_to_resume, save_checkpoint, \
-    set_rng_state, update_best
-from poetry.config import ConfigError, load_config
-from poetry.data import DataError
-from poetry.dataset import TaskData
-from poetry.distributed import Parallel
-from poetry.evaluation import Evaluator
-from poetry.logger import TRACKER_PROJECT, RunLog, default_run_dir, flat_config, quiet_libraries, tracker_for
-from poetry.loss import TargetOnlyLoss
-from poetry.memory import CudaSnapshot, MemoryMonitor, estimate_table
-from poetry.models import resolve_model_path
-from poetry.model import DTYPES, add_lora, load_model, load_tokenizer, trainable_parameters
-from poetry.optim import build_optimizer, build_scheduler
-from poetry.prompt import PromptFormat
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file, e.g. configs/tiny.yaml")
+    parser.add_argument("--resume", help="'auto' (the newest complete checkpoint of log.dir, or of the newest run "
+                                         "under runs/) or a checkpoint directory; sets train.resume")
+    parser.add_argument("--profile-memory", action="store_true",
+                        help="record a CUDA memory snapshot of the first steps; sets train.profile_memory")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=2e-4 (before or after flags)")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_intermixed_args()  # --help and usage errors answer here, before torch loads (~2 s)
+
+import math  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from accelerate import Accelerator, PartialState  # noqa: E402
+from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
+
+from poetry.batching import Collator, LengthBucketBatchSampler, target_tokens  # noqa: E402
+from poetry.checkpoint import config_changes, load_adapter, load_state, prune, resolve_resume, \
+    run_dir_to_resume, save_checkpoint, set_rng_state, step_of, update_best  # noqa: E402
+from poetry.config import ConfigError, check_inputs, load_config  # noqa: E402
+from poetry.data import DataError  # noqa: E402
+from poetry.dataset import TaskData  # noqa: E402
+from poetry.distributed import Parallel  # noqa: E402
+from poetry.evaluation import Evaluator  # noqa: E402
+from poetry.logger import TRACKER_PROJECT, RunLog, default_run_dir, flat_config, quiet_libraries, \
+    tracker_for  # noqa: E402
+from poetry.loss import TargetOnlyLoss  # noqa: E402
+from poetry.memory import CudaSnapshot, MemoryMonitor, estimate_table  # noqa: E402
+from poetry.model import add_lora, load_model, load_tokenizer, trainable_parameters  # noqa: E402
+from poetry.models import resolve_model_path  # noqa: E402
+from poetry.optim import build_optimizer, build_scheduler  # noqa: E402
+from poetry.precision import DTYPES  # noqa: E402
+from poetry.prompt import PromptFormat  # noqa: E402
 
 SNAPSHOT_STEPS = 3  # optimizer steps recorded by --profile-memory
+SAVES_PER_RUN = 10  # train.save_every=0: a checkpoint every ~10% of the run, so a crash loses at most that
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML file under configs/")
-    parser.add_argument("--resume", help="'auto' (latest checkpoint in log.dir) or a checkpoint directory")
-    parser.add_argument("--profile-memory", action="store_true", help="CUDA memory snapshot of the first steps")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=2e-4")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     overrides = list(args.overrides)
     overrides += [f"train.resume={args.resume}"] if args.resume else []
     overrides += ["train.profile_memory=true"] if args.profile_memory else []
@@ -66,6 +81,7 @@ def windows(sampler, size: int):
 
 def train(cfg):
     """Run the whole training; returns (run directory, trained PeftModel)."""
+    check_inputs(cfg)  # a wrong path fails now, not after minutes of loading a model
     quiet_libraries()
     tracker = tracker_for(cfg.log)
     processes = PartialState(cpu=cfg.train.cpu)  # the process group first: the ranks agree on one run directory
@@ -84,13 +100,22 @@ def train(cfg):
     if tracker:
         accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(cfg),
                                   init_kwargs={"wandb": {"name": run_dir.name}})
-    run = RunLog(cfg, run_dir, accelerator.is_main_process, accelerator if tracker else None)
+    checkpoints = run_dir / "checkpoints"
+    resume = resolve_resume(cfg.train.resume, checkpoints)
+    run = RunLog(cfg, run_dir, accelerator.is_main_process, accelerator if tracker else None,
+                 resumed_at=step_of(resume) if resume else None)
     set_seed(cfg.train.seed)  # same LoRA init on every rank
     sharing = "FSDP" if parallel.fsdp else "DDP" if world > 1 else "one process"
     run.print(f"run directory: {run_dir}   processes: {world} ({sharing})   device: {device}")
     run.print_config()
-    checkpoints = run_dir / "checkpoints"
-    resume = resolve_resume(cfg.train.resume, checkpoints)
+    for note in cfg.notes:  # what `auto` chose and why, and warnings of a slow explicit choice
+        run.print(note)
+    if cfg.train.resume == "auto" and not resume:
+        run.print(f"--resume auto: no complete checkpoint in {checkpoints}, so this run starts fresh")
+    changed = config_changes(resume, cfg) if resume else []
+    if changed:
+        run.print(f"warning: resuming from {resume} with a config that changes the training maths: "
+                  + "; ".join(changed))
 
     # --- model: frozen base + fp32 LoRA adapters, replicated (DDP) or sharded (FSDP) over the processes
     with accelerator.main_process_first():  # a builtin:NAME model is built once, by rank 0
@@ -120,6 +145,7 @@ def train(cfg):
     steps_per_epoch = math.ceil(len(sampler) / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)  # max_steps, when set, overrides train.epochs
+    save_every = cfg.train.save_every or math.ceil(total_steps / SAVES_PER_RUN)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     precision = cfg.train.precision
     scaler = parallel.grad_scaler(device.type, enabled=precision == "fp16")
@@ -157,9 +183,11 @@ def train(cfg):
     eval_time = 0.0
 
     def evaluate() -> bool:
-        """Log validation metrics; True when they make this step the best so far."""
+        """Log validation metrics; True when they make this step the best so far (step 0, before any training, is
+        a curve's starting point, not a checkpoint)."""
         nonlocal eval_time
         started = time.time()
+        run.print(f"{run.where(step)}  evaluating: {evaluator.describe()}")
         with memory.phase("eval"):
             metrics = evaluator.run(accelerator.unwrap_model(loss_model), model)
         eval_time += time.time() - started
@@ -168,7 +196,7 @@ def train(cfg):
         run.log(step, {**metrics, "val/seconds": time.time() - started})
         run.draw_curves()
         value = metrics.get(cfg.eval.best_metric)
-        is_best = value is not None and accelerator.is_main_process and \
+        is_best = value is not None and step > 0 and accelerator.is_main_process and \
             update_best(checkpoints, step, cfg.eval.best_metric, value, cfg.eval.best_mode)
         if is_best:
             run.print(f"new best {cfg.eval.best_metric}={value:.4g} at step {step}")
@@ -179,6 +207,8 @@ def train(cfg):
     snapshot.start()
     run.start_progress(total_steps, step)
     first_step = step
+    if cfg.eval.at_start and step == 0:
+        evaluate()
     loss_model.train()
     timer, train_time, real_total, padded_total = time.time(), 0.0, 0.0, 0.0
     for epoch in range(epoch, epochs):
@@ -230,7 +260,7 @@ def train(cfg):
 
             is_best = bool(cfg.eval.every) and step % cfg.eval.every == 0 and step < total_steps and evaluate()
             loss_model.train()
-            if is_best or (cfg.train.save_every and step % cfg.train.save_every == 0):
+            if is_best or step % save_every == 0:
                 save()
             timer = time.time()  # evaluation and saving are not training time
             if step >= total_steps:

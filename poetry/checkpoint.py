@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from .config import Config, save_config
 
 STATE_FILE = "trainer_state.pt"
 BEST_FILE = "best.json"
 PREFIX = "step-"
+# keys that change only bookkeeping or evaluation: a resume may change them freely, any other is worth a warning
+BOOKKEEPING_KEYS = {"train.resume", "train.save_every", "train.keep_last", "train.profile_memory", "eval", "log"}
 
 
 def rng_state() -> dict:
@@ -67,6 +70,28 @@ def save_checkpoint(root: Path, step: int, model, config: Config, state: dict,
     shutil.rmtree(final, ignore_errors=True)
     temporary.rename(final)
     return final
+
+
+def step_of(path: Path) -> int:
+    """The optimizer step a checkpoint directory `step-000050` was saved at."""
+    return int(Path(path).name[len(PREFIX):])
+
+
+def config_changes(path: Path, current: Config) -> list[str]:
+    """`key: saved -> current` for each key that changes the training maths between the config a checkpoint was
+    saved with and the current one (as torchtune warns on resume); bookkeeping and evaluation keys are ignored."""
+    saved_file = Path(path) / "config.yaml"
+    if not saved_file.is_file():
+        return []
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    changes = []
+    for section, values in current.to_dict().items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            before = saved.get(section, {}).get(key, value)
+            if section not in BOOKKEEPING_KEYS and name not in BOOKKEEPING_KEYS and before != value:
+                changes.append(f"{name}: {before!r} -> {value!r}")
+    return changes
 
 
 def load_state(path: Path) -> dict:

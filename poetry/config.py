@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 import yaml
 
-Precision = Literal["fp32", "bf16", "fp16"]
+from .models import BUILTIN_PREFIX, check_local_model
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 class ConfigError(ValueError):
@@ -25,7 +27,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = ""  # local model directory (or a hub id where the network allows)
-    dtype: Precision = "bf16"  # dtype of the frozen base weights
+    dtype: Precision = "auto"  # dtype of the frozen base weights; auto = the same as train.precision
     quantization: Literal["none", "8bit", "4bit"] = "none"  # bitsandbytes base quantization
     quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit data type
     double_quant: bool = True  # 4-bit: quantize the quantization constants too (~0.4 bit/param saved)
@@ -65,7 +67,9 @@ class TrainConfig:
     grad_accum: int = 4  # micro-batches per optimizer step
     max_tokens_per_batch: int = 0  # token-budget batches (padded tokens) instead of a fixed size; 0 = off
     bucket_multiplier: int = 32  # length buckets hold this many batches before being sorted
-    precision: Precision = "bf16"  # autocast dtype; fp16 adds a GradScaler
+    # autocast dtype; fp16 adds a GradScaler. auto: bf16 on a GPU that has it (else fp16), bf16 on a CPU with native
+    # bf16 (avx512_bf16/amx_bf16), else fp32 -- bf16 without it runs ~20x slower than fp32 (see poetry.precision)
+    precision: Precision = "auto"
     optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw", "adamw"] = "paged_adamw_8bit"
     lr: float = 2e-4
     weight_decay: float = 0.0  # never applied to biases and norms
@@ -75,7 +79,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03  # used when warmup_steps is 0
     min_lr_ratio: float = 0.1  # decay floor, as a fraction of lr
     max_grad_norm: float = 1.0  # 0 = no clipping
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = auto, every ~10% of the run (and at the end)
     keep_last: int = 2
     resume: str = ""  # "", "auto" (latest in log.dir) or a checkpoint path
     cpu: bool = False  # force CPU (also for multi-process runs on CPU)
@@ -86,6 +90,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 50  # optimizer steps between evaluations; 0 = only at the end
+    at_start: bool = True  # evaluate before the first step too, so every curve shows where training began
     batch_size: int = 8
     loss: bool = True  # validation loss / perplexity
     decode: bool = True  # constrained decoding on validation questions: accuracy and BLEU curves
@@ -113,6 +118,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        self.notes: list[str] = []  # what load_config decided for the user (auto choices, warnings); not a key
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -227,8 +235,45 @@ def validate(config: Config) -> None:
                           "use train.optimizer=adamw (the adapters' fp32 Adam state is small, and sharded too)")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file, then each `section.key=value` override, then cross-field validation."""
+OFFICIAL_DATA_HELP = ("the official CCL25-Eval Task 5 training data is in the organisers' repository "
+                      "HITICI-NLPGroup/CCPA-EvalTask on GitHub, folder 'CCPA 2025/': put its train-data/ at "
+                      "data/ccpa2025/train-data (README, Data), or train on data/sample/train-data")
+
+
+def check_inputs(config: Config) -> None:
+    """The files a training run reads exist: checked before any process group, model or data load, so a wrong
+    path fails in a second instead of after minutes of loading a 7B model."""
+    if not Path(config.data.train).exists():
+        raise ConfigError(f"data.train={config.data.train}: no such file or directory; {OFFICIAL_DATA_HELP}")
+    if not config.model.path.startswith(BUILTIN_PREFIX):
+        try:
+            check_local_model(config.model.path)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+    if config.train.resume and config.train.resume != "auto" and not Path(config.train.resume).is_dir():
+        raise ConfigError(f"train.resume={config.train.resume}: no such checkpoint directory")
+
+
+def fit_to_device(config: Config, device: str) -> None:
+    """Replace `auto` in train.precision and model.dtype by what suits `device` ('cpu' or 'cuda'); config.notes
+    says what was chosen and why, and warns of an explicit choice that runs far slower than another one would."""
+    from .precision import choose
+
+    precision = choose(config.train.precision, device, "train.precision")
+    config.train.precision = precision.value
+    config.notes.append(f"train.precision={precision.value} ({precision.reason})")
+    warnings = [precision.warning]
+    if config.model.dtype == "auto":
+        config.model.dtype = precision.value
+        config.notes.append(f"model.dtype={precision.value} (auto: as train.precision)")
+    else:
+        warnings.append(choose(config.model.dtype, device, "model.dtype").warning)
+    config.notes += [f"warning: {warning}" for warning in dict.fromkeys(warnings) if warning]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), device: str | None = None) -> Config:
+    """Defaults, then the YAML file, then each `section.key=value` override, then `auto` fitted to the device (by
+    default CUDA when present and train.cpu is off, else CPU), then cross-field validation."""
     config = Config()
     if path is not None:
         path = Path(path)
@@ -246,6 +291,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: {err}") from None
     for text in overrides:
         _apply(config, parse_override(text))
+    if device is None:
+        from .precision import default_device
+
+        device = default_device(config.train.cpu)
+    fit_to_device(config, device)
     validate(config)
     return config
 

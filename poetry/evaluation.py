@@ -23,6 +23,15 @@ class Evaluator:
         self.parallel, self.autocast, self.heartbeat = parallel, autocast, heartbeat
         self.device = parallel.accelerator.device
 
+    def describe(self) -> str:
+        """What one evaluation does, for the line printed as it starts."""
+        parts = []
+        if self.cfg.loss and self.data.val_dataset is not None and len(self.data.val_dataset):
+            parts.append(f"loss on {len(self.data.val_dataset)} validation examples")
+        if self.cfg.decode and self.data.val_examples:
+            parts.append(f"decoding {len(self.data.val_examples[:self.cfg.max_questions or None])} questions")
+        return ", ".join(parts) or "nothing to evaluate (no validation poems)"
+
     @torch.no_grad()
     def loss(self, loss_module) -> dict[str, float]:
         dataset, device = self.data.val_dataset, self.device

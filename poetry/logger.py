@@ -66,6 +66,11 @@ def default_run_dir() -> str:
     return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def format_metrics(metrics: dict) -> str:
     def fmt(value) -> str:
         if isinstance(value, float):
@@ -77,16 +82,41 @@ def format_metrics(metrics: dict) -> str:
 
 
 class RunLog:
-    def __init__(self, cfg: Config, run_dir: Path, is_main: bool, tracker=None):
+    """`resumed_at`: the optimizer step a resumed run restarts from (None for a fresh run). metrics.jsonl then keeps
+    the records up to it and drops those of the steps the resume repeats, so every step appears once and the curves
+    are drawn from the whole run."""
+
+    def __init__(self, cfg: Config, run_dir: Path, is_main: bool, tracker=None, resumed_at: int | None = None):
         self.cfg, self.dir, self.is_main, self.tracker = cfg, run_dir, is_main, tracker
         self.console = Console(force_interactive=False, highlight=False, soft_wrap=True)
         self.history: list[dict] = []
         self.progress: Progress | None = None
         self.started = time.time()
+        self.total_steps, self.first_step, self.loop_started = 0, 0, self.started
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.dir / "config.yaml")
+            self._carry_over_metrics(resumed_at)
             self.metrics_file = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
+
+    def _carry_over_metrics(self, resumed_at: int | None) -> None:
+        path = self.dir / "metrics.jsonl"
+        if not path.is_file() or not path.stat().st_size:
+            return
+        if resumed_at is None:  # a fresh run in a used directory: keep the old log beside, never mixed in
+            path.replace(path.with_suffix(".jsonl.prev"))
+            self.print(f"{path} of an earlier run moved to {path.with_suffix('.jsonl.prev').name}")
+            return
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        self.history = [r for r in records if r["step"] <= resumed_at]
+        self.started -= self.history[-1]["time"] if self.history else 0.0  # elapsed time goes on from the log
+        temporary = path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.history),
+                             encoding="utf-8")
+        temporary.replace(path)
+        if len(records) > len(self.history):
+            self.print(f"metrics.jsonl: dropped {len(records) - len(self.history)} records of steps after "
+                       f"{resumed_at}, which this resume repeats")
 
     def print_config(self) -> None:
         """The effective config (YAML, overrides applied), one line per section; the full file is config.yaml."""
@@ -98,17 +128,33 @@ class RunLog:
             (self.progress.console if self.progress else self.console).print(*parts)
 
     def start_progress(self, total_steps: int, done: int) -> None:
+        self.total_steps, self.first_step, self.loop_started = total_steps, done, time.time()
         if self.is_main and sys.stdout.isatty():
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                      TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console)
             self.progress.start()
             self.task = self.progress.add_task("train", total=total_steps, completed=done, status="")
 
+    def eta_s(self, step: int) -> float | None:
+        """Seconds left at this session's pace so far (evaluation and saving included); None before a step."""
+        done = step - self.first_step
+        if done <= 0:
+            return None
+        return (time.time() - self.loop_started) / done * (self.total_steps - step)
+
+    def where(self, step: int) -> str:
+        """`step 12/30  elapsed 0:01:40  eta 0:02:30`: where the run is, for plain lines that have no bar."""
+        eta = self.eta_s(step)
+        return (f"step {step}/{self.total_steps}  elapsed {_clock(time.time() - self.started)}  "
+                f"eta {'?' if eta is None else _clock(eta)}")
+
     def log(self, step: int, metrics: dict, echo: bool = True) -> None:
         """Append to metrics.jsonl and trackers; print a line (or update the bar)."""
         if not self.is_main:
             return
-        record = {"step": step, "time": round(time.time() - self.started, 3), **metrics}
+        eta = self.eta_s(step)
+        record = {"step": step, "time": round(time.time() - self.started, 3), "total_steps": self.total_steps,
+                  "eta_s": None if eta is None else round(eta, 1), **metrics}
         self.history.append(record)
         self.metrics_file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.metrics_file.flush()
@@ -120,7 +166,7 @@ class RunLog:
             if any(k.startswith("val/") for k in metrics):
                 self.print(f"step {step}  {format_metrics(metrics)}")
         elif echo:
-            self.print(f"step {step}  {format_metrics(metrics)}")
+            self.print(f"{self.where(step)}  {format_metrics(metrics)}")
 
     def heartbeat(self, label: str, total: int, every_s: float = 20.0):
         """A progress callback (called with items finished) that prints a line at most every `every_s` seconds, so

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config, ConfigError, load_config
+from .precision import choose
 
 GB = 1024**3
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
@@ -68,13 +69,15 @@ class Shape:
 def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1) -> list[tuple[str, float, str]]:
     """Rows of (what, GiB, how it was counted) for one process; `shards` > 1 is FSDP over that many processes."""
     m, t = cfg.model, cfg.train
+    precision = choose(t.precision, device).value  # a config from load_config has no `auto` left; Config() may
+    weight_dtype = precision if m.dtype == "auto" else m.dtype
     base = shape.layers * shape.block_params
     quant = "4bit+dq" if m.quantization == "4bit" and m.double_quant else m.quantization
-    per_weight = QUANTIZED_BYTES.get(quant, WEIGHT_BYTES[m.dtype])
+    per_weight = QUANTIZED_BYTES.get(quant, WEIGHT_BYTES[weight_dtype])
     targets = shape.linears() if cfg.lora.target_modules == ["all-linear"] else \
         {k: v for k, v in shape.linears().items() if k in cfg.lora.target_modules}
     lora = shape.layers * sum(cfg.lora.r * (a + b) for a, b in targets.values())
-    act_bytes = 2.0 if t.precision != "fp32" else 4.0
+    act_bytes = 2.0 if precision != "fp32" else 4.0
     tokens = t.micro_batch_size * cfg.data.max_len if not t.max_tokens_per_batch else t.max_tokens_per_batch
     h, i = shape.hidden, shape.intermediate
     kv = 2 * shape.kv_heads * shape.head_dim
@@ -88,15 +91,15 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1) -
         activations = tokens * shape.layers * per_layer
         how = f"{tokens} tokens x {shape.layers} layers"
     logits = (tokens // 2) * shape.vocab * 12  # fp32 logits, softmax and grad for ~half the tokens (targets)
-    what = f"{base / 1e9:.2f}B params, {quant if quant != 'none' else m.dtype}"
+    what = f"{base / 1e9:.2f}B params, {quant if quant != 'none' else weight_dtype}"
     rows = [("base weights", base * per_weight / GB, what)] if shards == 1 else [
         ("base weights (FSDP shard)", base * per_weight / shards / GB, f"{what} / {shards} processes"),
         # one layer runs while the next is prefetched; the root unit (embeddings, lm_head) stays whole, below
         ("gathered layers (FSDP)", 2 * shape.block_params * per_weight / GB, "2 decoder layers unsharded")]
     lora /= shards  # adapters, their gradients and Adam state are sharded with their layers
     rows += [
-        ("embeddings + lm_head", shape.embedding_params * WEIGHT_BYTES[m.dtype] / GB,
-         f"{shape.embedding_params / 1e9:.2f}B params, {m.dtype} ({'tied' if shape.tied else 'untied'})"),
+        ("embeddings + lm_head", shape.embedding_params * WEIGHT_BYTES[weight_dtype] / GB,
+         f"{shape.embedding_params / 1e9:.2f}B params, {weight_dtype} ({'tied' if shape.tied else 'untied'})"),
         ("LoRA weights (fp32)", lora * 4 / GB, f"{lora / 1e6:.1f}M params{' per shard' if shards > 1 else ''}, "
                                                f"r={cfg.lora.r}"),
         ("LoRA gradients (fp32)", lora * 4 / GB, ""),
@@ -170,21 +173,35 @@ class CudaSnapshot:
             self.active = False
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m poetry.memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="training config (YAML)")
+    parser.add_argument("--budget-gb", type=float, default=32.0,
+                        help="GPU memory to fit in, GiB (default: %(default)s)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="with train.fsdp=true: how many processes share the model (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    parser = argparse.ArgumentParser(prog="python -m poetry.memory", description="Estimate peak training memory.")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--budget-gb", type=float, default=32.0)
-    parser.add_argument("--processes", type=int, default=1, help="with train.fsdp=true: how many shards")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
+    from .models import resolve_model_path
+
+    args = _parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        # The estimate is of a CUDA run, so `auto` precision is fitted to a GPU even where this machine has none
+        cfg = load_config(args.config, args.overrides, device="cuda")
+        cfg.model.path = resolve_model_path(cfg.model.path)  # builds builtin:NAME; one line for a missing path
         table, _ = estimate_table(cfg, args.budget_gb, shards=args.processes if cfg.train.fsdp else 1)
     except (ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.processes > 1 and not cfg.train.fsdp:
+        print(f"note: --processes {args.processes} without train.fsdp=true: DDP replicates the whole model in "
+              f"every process, so the per-process figure is that of one", file=sys.stderr)
     Console().print(table)
     return 0
 

@@ -6,10 +6,9 @@ import logging
 import torch
 
 from .config import LoraConfig, ModelConfig
+from .precision import DTYPES, choose
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU builds log a 4-bit kernel warning at import
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -21,7 +20,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def quantization_config(cfg: ModelConfig):
+def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":
@@ -29,17 +28,19 @@ def quantization_config(cfg: ModelConfig):
     if cfg.quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
                                   bnb_4bit_use_double_quant=cfg.double_quant,
-                                  bnb_4bit_compute_dtype=DTYPES[cfg.dtype])
+                                  bnb_4bit_compute_dtype=dtype)
     return None
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", for_training: bool = True):
-    """The frozen base model, ready for adapters: dtype, quantization and checkpointing from the config."""
+    """The frozen base model, ready for adapters: dtype (`auto` fitted to the device), quantization and
+    checkpointing from the config."""
     from transformers import AutoModelForCausalLM
 
-    quantization = quantization_config(cfg)
+    dtype = DTYPES[choose(cfg.dtype, torch.device(device).type).value]
+    quantization = quantization_config(cfg, dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+        cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation, quantization_config=quantization,
         # bitsandbytes quantizes while placing weights, so the device must be known at load time
         device_map={"": torch.device(device)} if quantization else None)

@@ -1,6 +1,8 @@
 """train.py end to end on a tiny Qwen3: the loop's promises, each checked on real runs."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +29,12 @@ def fresh_accelerator():
 
 def config(tiny_model_dir, data, run_dir, *overrides):
     """configs/tiny.yaml, made cheaper: one word and one sentence per question keeps targets short, and targets
-    through the 152k-id output layer are what a tiny model's step costs."""
+    through the 152k-id output layer are what a tiny model's step costs. fp32 whatever the CPU (auto would pick
+    bf16 on one with native bf16), and no step-0 evaluation unless a test is about it."""
     return load_config(ROOT / "configs" / "tiny.yaml", [
         f"model.path={tiny_model_dir}", f"data.train={data}", f"log.dir={run_dir}", "eval.decode=false",
-        "log.curves=false", "data.max_items=1", "train.micro_batch_size=2", *overrides])
+        "log.curves=false", "data.max_items=1", "train.micro_batch_size=2", "train.precision=fp32",
+        "eval.at_start=false", *overrides])
 
 
 def metrics(run_dir) -> list[dict]:
@@ -55,19 +59,21 @@ def test_tiny_overfit_drives_loss_down(tiny_model_dir, few_poems, tmp_path):
 
 def test_run_directory_checkpoints_and_curves(tiny_model_dir, few_poems, tmp_path, capsys):
     cfg = config(tiny_model_dir, few_poems, tmp_path, "train.max_steps=6", "train.save_every=2", "train.keep_last=1",
-                 "eval.every=2", "log.curves=true", "data.val_fraction=0.3")
+                 "eval.every=2", "log.curves=true", "data.val_fraction=0.3", "eval.at_start=true")
     run_dir, model = train_script.train(cfg)
     printed = capsys.readouterr().out  # the effective config, overrides included, before training starts
     assert "train: seed=0" in printed and "keep_last=1" in printed and "eval: every=2" in printed
-    assert printed.index("keep_last=1") < printed.index("trainable parameters") < printed.index("step 1 ")
+    assert printed.index("keep_last=1") < printed.index("trainable parameters") < printed.index("step 1/6 ")
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoints", "loss.png", "lr.png"}
     records = metrics(run_dir)
+    first_step = next(r for r in records if "train/loss" in r)
     step_keys = {"train/loss", "train/lr", "train/grad_norm", "train/loss_scale", "train/skipped_steps",
                  "train/tokens_per_s", "train/target_tokens_per_s", "train/padding_efficiency", "mem/peak_rss_gb"}
-    assert step_keys <= set(records[0]) and 0 < records[0]["train/padding_efficiency"] <= 1
-    assert [r["step"] for r in records if "val/loss" in r] == [2, 4, 6]
+    assert step_keys <= set(first_step) and 0 < first_step["train/padding_efficiency"] <= 1
+    assert [r["step"] for r in records if "val/loss" in r] == [0, 2, 4, 6]  # the curves start before training
     checkpoints = run_dir / "checkpoints"
     best = json.loads((checkpoints / "best.json").read_text())
+    assert best["step"] > 0  # step 0 is a curve's starting point, never a checkpoint
     kept = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())
     assert kept == sorted({"step-000006", best["path"]})  # keep_last=1 plus the best
     assert {p.name for p in (checkpoints / "step-000006").iterdir()} == {
@@ -251,3 +257,89 @@ def test_a_tracker_that_is_not_installed_is_an_error(capsys):
         pytest.skip("wandb is installed here")
     assert train_script.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "log.tracker=wandb"]) == 2
     assert "log.tracker=wandb: the wandb package is not installed" in capsys.readouterr().err
+
+
+def test_plain_log_lines_say_where_the_run_is(tiny_model_dir, few_poems, tmp_path, capsys):
+    """Without a TTY (nohup, Slurm, CI) every step line carries step/total, elapsed and ETA; evaluation announces
+    itself; metrics.jsonl has total_steps and eta_s."""
+    cfg = config(tiny_model_dir, few_poems, tmp_path, "train.max_steps=3", "log.every=1", "eval.every=2",
+                 "data.val_fraction=0.3", "eval.at_start=true")
+    train_script.train(cfg)
+    printed = capsys.readouterr().out
+    assert "step 0/3  elapsed 0:00:" in printed and "eta ?  evaluating: loss on " in printed
+    for step in (1, 2, 3):
+        assert re.search(rf"^step {step}/3  elapsed \d+:\d\d:\d\d  eta \d+:\d\d:\d\d  loss=", printed, re.M), step
+    steps = [m for m in metrics(tmp_path) if "train/loss" in m]
+    assert all(m["total_steps"] == 3 for m in steps)
+    assert steps[-1]["eta_s"] == 0 and all(m["eta_s"] >= 0 for m in steps)
+
+
+def test_defaults_save_every_tenth_of_the_run(tiny_model_dir, few_poems, tmp_path):
+    cfg = config(tiny_model_dir, few_poems, tmp_path, "train.max_steps=20", "train.save_every=0",
+                 "train.keep_last=100", "eval.every=0", "data.val_fraction=0", "train.grad_accum=1")
+    assert load_config(None).train.save_every == 0  # the default is auto
+    train_script.train(cfg)
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert saved == [f"step-{step:06d}" for step in range(2, 21, 2)]
+
+
+def test_resume_auto_without_a_checkpoint_says_it_starts_fresh(tiny_model_dir, few_poems, tmp_path, capsys):
+    train_script.train(config(tiny_model_dir, few_poems, tmp_path, "train.max_steps=1", "eval.every=0",
+                              "data.val_fraction=0", "train.resume=auto"))
+    assert f"--resume auto: no complete checkpoint in {tmp_path / 'checkpoints'}, so this run starts fresh" in \
+        capsys.readouterr().out
+
+
+def test_resume_keeps_one_log_line_per_step_and_warns_of_changed_maths(tiny_model_dir, few_poems, tmp_path, capsys):
+    """A run killed after step 4 (checkpoint at 3) and resumed: metrics.jsonl holds steps 1..5 once each, the curves
+    redraw from all of it, and a changed learning rate is named."""
+    common = ("train.max_steps=5", "train.save_every=3", "eval.every=0", "data.val_fraction=0", "train.keep_last=5")
+    train_script.train(config(tiny_model_dir, few_poems, tmp_path, *common))
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000005")  # as if killed after step 4 was logged
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    capsys.readouterr()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_script.train(config(tiny_model_dir, few_poems, tmp_path, *common, "train.resume=auto", "train.lr=1e-3",
+                              "log.curves=true"))
+    printed = capsys.readouterr().out
+    assert "dropped 1 records of steps after 3, which this resume repeats" in printed
+    assert "config that changes the training maths: train.lr: 0.003 -> 0.001" in printed
+    assert "train.resume" not in printed.split("training maths:")[1].splitlines()[0]
+    assert [m["step"] for m in metrics(tmp_path) if "train/loss" in m] == [1, 2, 3, 4, 5]
+    times = [m["time"] for m in metrics(tmp_path)]
+    assert times == sorted(times)  # elapsed time goes on across the resume
+
+
+def test_missing_inputs_stop_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(train_script, "load_model", no_model)
+    monkeypatch.setattr(train_script, "resolve_model_path", no_model)
+    assert train_script.main(["--config", str(ROOT / "configs" / "qwen2.5-7b-lora.yaml"),
+                              f"data.train={tmp_path / 'absent'}", f"log.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: data.train={tmp_path / 'absent'}: no such file or directory;")
+    assert "HITICI-NLPGroup/CCPA-EvalTask" in err and "data/ccpa2025/train-data" in err and err.count("\n") == 1
+    assert train_script.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "model.path=/no/such/model",
+                              f"log.dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err == \
+        "error: model.path=/no/such/model: no such directory (and HF_HUB_OFFLINE=1, so no hub download)\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_overrides_may_follow_flags():
+    cfg = train_script.parse_args(["--config", str(ROOT / "configs" / "tiny.yaml"), "--resume", "auto",
+                                   "train.epochs=1", "--profile-memory", "lora.r=4"])
+    assert (cfg.train.epochs, cfg.train.resume, cfg.train.profile_memory, cfg.lora.r) == (1, "auto", True, 4)
+
+
+def test_help_shows_defaults_and_answers_before_torch_loads():
+    result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "train.py"), "--help"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0 and "section.key=value" in result.stdout and "(default: None)" in result.stdout
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    assert "argparse" in imported and "torch" not in imported and "poetry.config" not in imported

@@ -3,10 +3,12 @@ Gemma-3-270M. `model.path: builtin:NAME` in a config names one of them; it is bu
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # org/name, the only form a hub download could take
 
 
 def cache_root() -> Path:
@@ -35,15 +37,36 @@ def _gemma270m(name: str) -> Path:
 BUILTINS = {**{f"tiny-{arch}": _tiny for arch in ("qwen3", "qwen2", "llama", "gemma3")}, "gemma-3-270m": _gemma270m}
 
 
-def resolve_model_path(path: str) -> str:
-    """A local directory or hub id as given; `builtin:NAME` built (once) into the cache and returned as a path."""
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_local_model(path: str, key: str = "model.path") -> None:
+    """Fail with one line naming `key` when `path` is neither a model directory nor a hub id that could be
+    downloaded; without this the hub client answers a mistyped path with "Repo id must be in the form ...".
+    The error is a FileNotFoundError: the CLIs turn it into one `error:` line and exit code 2."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{key}={path}: not a model directory (no config.json)")
+        return
+    if hub_offline():
+        raise FileNotFoundError(f"{key}={path}: no such directory (and HF_HUB_OFFLINE=1, so no hub download)")
+    if not HUB_ID.match(path) or ".." in path:
+        raise FileNotFoundError(f"{key}={path}: no such directory (nor a hub id, which looks like org/name)")
+
+
+def resolve_model_path(path: str, key: str = "model.path") -> str:
+    """A local directory or hub id as given (checked: see check_local_model); `builtin:NAME` built (once) into the
+    cache and returned as a path."""
     if not path:
-        raise FileNotFoundError("model.path is empty: give a local model directory or builtin:NAME "
+        raise FileNotFoundError(f"{key} is empty: give a local model directory or builtin:NAME "
                                 f"({', '.join(BUILTINS)})")
     if not path.startswith(BUILTIN_PREFIX):
+        check_local_model(path, key)
         return path
     name = path[len(BUILTIN_PREFIX):]
     if name not in BUILTINS:
-        raise FileNotFoundError(f"model.path {path}: unknown built-in model; choose one of "
+        raise FileNotFoundError(f"{key}={path}: unknown built-in model; choose one of "
                                 f"{', '.join(BUILTIN_PREFIX + n for n in BUILTINS)}")
     return str(BUILTINS[name](name))
