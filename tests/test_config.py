@@ -22,7 +22,7 @@ def test_yaml_then_overrides(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.lrr=1", "unknown key 'train.lrr' (did you mean 'lr'?); valid keys: seed, epochs"),
     ("trian.lr=1", "unknown key 'trian' (did you mean 'train'?)"),
-    ("train.precision=fp8", "train.precision: 'fp8' is not valid; choose one of fp32, bf16, fp16"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not valid; choose one of auto, fp32, bf16, fp16"),
     ("train.epochs=two", "train.epochs: expected int, got 'two'"),
     ("train.cpu=3", "train.cpu: expected bool, got 3"),
     ("train.micro_batch_size=0", "train.micro_batch_size: must be at least 1, got 0"),
