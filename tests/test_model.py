@@ -138,10 +138,10 @@ def test_memory_estimate_rows_follow_the_config():
     cfg = Config()
     bf16 = {what: gb for what, gb, _ in estimate(cfg, qwen25_7b_shape())}
     assert abs(bf16["base weights"] - 6.53e9 * 2 / 1024**3) < 0.2
-    cfg4 = load_config(None, ["model.quantization=4bit"])
+    cfg4 = load_config(None, ["model.quantization=4bit"], device="cuda")
     four_bit = {what: gb for what, gb, _ in estimate(cfg4, qwen25_7b_shape())}
     assert 0.25 < four_bit["base weights"] / bf16["base weights"] < 0.30
-    checkpointed = load_config(None, ["model.gradient_checkpointing=true"])
+    checkpointed = load_config(None, ["model.gradient_checkpointing=true"], device="cuda")
     assert {w: gb for w, gb, _ in estimate(checkpointed, qwen25_7b_shape())}["activations"] < bf16["activations"] / 5
     sharded = {what: gb for what, gb, _ in estimate(cfg, qwen25_7b_shape(), shards=4)}
     assert sharded["base weights (FSDP shard)"] == pytest.approx(bf16["base weights"] / 4)

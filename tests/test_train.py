@@ -204,7 +204,7 @@ from poetry.config import load_config
 from peft import get_peft_model_state_dict
 cfg = load_config({str(ROOT / 'configs' / 'tiny.yaml')!r}, ["model.path={tiny_model_dir}", "data.train={few_poems}",
     "log.dir={tmp_path / 'run'}", "eval.decode=false", "log.curves=false", "train.max_steps=3", "train.cpu=true",
-    "data.val_fraction=0.25", "eval.every=2", "lora.dropout=0.1"])
+    "data.val_fraction=0.25", "eval.every=2", "lora.dropout=0.1", "train.precision=fp32"])
 run_dir, model = train.train(cfg)
 rank = int(os.environ["RANK"])  # the process group is gone after end_training
 torch.save(get_peft_model_state_dict(model), {str(tmp_path)!r} + f"/rank{{rank}}.pt")
