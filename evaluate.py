@@ -14,27 +14,38 @@ import os
 import sys
 from pathlib import Path
 
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pred", required=True, action="append",
+                        help="a submission (JSON list of answers); repeat to compare several side by side")
+    parser.add_argument("--label", action="append", help="column name for each --pred (default: its file name)")
+    parser.add_argument("--gold", required=True, help="gold answers in the submission format")
+    parser.add_argument("--bertscore-model",
+                        help="local BERT directory (e.g. bert-base-chinese); scoring runs in fp32 whatever the "
+                             "checkpoint's dtype. Without it BERTScore is off and the total incomplete")
+    parser.add_argument("--bertscore-layer", type=int, default=8,
+                        help="layer whose embeddings are compared (default: %(default)s)")
+    parser.add_argument("--report", help="write aggregates and per-item scores to this JSON file")
+    return parser
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
+if __name__ == "__main__":
+    _parse(sys.argv[1:])  # --help and usage errors answer here, before nltk and numpy load (~1 s)
+
 # Before transformers is imported: its weight-loading bar would put carriage returns into logs
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from rich.console import Console
-from rich.table import Table
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 
-from poetry.data import DataError, check_submission, load_answers
-from poetry.metrics import BertScore, MetricUnavailable, Scores, score_answers
-
-
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--pred", required=True, action="append",
-                        help="a submission (JSON list of answers); repeat to compare several side by side")
-    parser.add_argument("--label", action="append", help="column name for each --pred (default: file name)")
-    parser.add_argument("--gold", required=True, help="gold answers in the submission format")
-    parser.add_argument("--bertscore-model", help="local BERT directory (e.g. bert-base-chinese); without it "
-                                                  "BERTScore is off and the total incomplete")
-    parser.add_argument("--bertscore-layer", type=int, default=8, help="layer whose embeddings are compared")
-    parser.add_argument("--report", help="write aggregates and per-item scores to this JSON file")
-    return parser.parse_args(argv)
+from poetry.data import DataError, check_submission, load_answers  # noqa: E402
+from poetry.metrics import BertScore, MetricUnavailable, Scores, score_answers  # noqa: E402
 
 
 def _error_line(err: DataError) -> str:
@@ -82,7 +93,7 @@ def _write_report(runs: dict[str, Scores], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    args = _parse(sys.argv[1:] if argv is None else argv)
     labels = args.label or [Path(pred).stem for pred in args.pred]
     if len(labels) != len(args.pred) or len(set(labels)) != len(labels):
         print(f"error: give one distinct --label per --pred ({len(args.pred)} predictions, labels {labels})",

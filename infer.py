@@ -2,18 +2,22 @@
 
     python infer.py [predict] --model DIR [--adapter DIR] --input eval.json --output submission.json
                     [--decode constrained|free] [--batch-size N] [--max-new-tokens N] [--system-prompt TEXT]
-                    [--load-in-4bit | --load-in-8bit] [--dtype fp32|bf16|fp16]
-    python infer.py merge --model DIR --adapter DIR --out DIR [--dtype fp32|bf16|fp16]
+                    [--load-in-4bit | --load-in-8bit] [--dtype auto|fp32|bf16|fp16]
+    python infer.py merge --model DIR --adapter DIR --out DIR [--dtype auto|fp32|bf16|fp16]
     python infer.py chat --model DIR [--adapter DIR] --prompt TEXT [--sample --temperature T --top-p P]
-                    [--max-new-tokens N]
+                    [--max-new-tokens N] [--dtype auto|fp32|bf16|fp16]
 
-`predict` is the default subcommand: arguments without one are predict's. `--model` is a local directory or
-`builtin:NAME` (e.g. builtin:tiny-qwen3, built on first use). Constrained decoding (the default) forces the answer
-format, so every item is valid whatever the model; free decoding lets the model write everything and repairs what
-it can, reporting how many items needed it (see poetry.decode). `--max-new-tokens` is the budget of each value;
-free decoding gets the same room. `--system-prompt` must be the one the model was trained with (data.system_prompt).
-The submission is checked as the official scorer checks it before anything is written. Bad input is one `error:`
-line on stderr and exit code 2. The dtype defaults to bf16 on a GPU and fp32 on CPU.
+`predict` is the default subcommand: arguments that start with an option (`infer.py --model ...`) are predict's.
+`--model` is a local directory or `builtin:NAME` (e.g. builtin:tiny-qwen3, built on first use). Constrained decoding
+(the default) forces the answer format, so every item is valid whatever the model; free decoding lets the model
+write everything and repairs what it can, reporting how many items needed it (see poetry.decode).
+`--max-new-tokens` is the budget of each value; free decoding gets the same room. `--system-prompt` must be the one
+the model was trained with (data.system_prompt). The submission is checked as the official scorer checks it before
+anything is written. Bad input is one `error:` line on stderr and exit code 2.
+
+`--dtype auto` (the default) picks bf16 where the hardware computes it natively (a GPU that supports it, a CPU with
+avx512_bf16/amx_bf16), else fp16 on a GPU and fp32 on a CPU: bf16 on a CPU without native support runs ~20x slower
+(see poetry.precision). The first line printed says which dtype was chosen and why.
 """
 from __future__ import annotations
 
@@ -22,22 +26,10 @@ import os
 import sys
 import time
 
-# Before transformers is imported: its bars would put carriage returns into logs
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-from poetry.checkpoint import resolve_adapter
-from poetry.config import ModelConfig
-from poetry.data import DataError, check_submission, load_questions, write_submission
-from poetry.decode import UnsupportedTokenizer, chat, decode_constrained, decode_free
-from poetry.model import DTYPES, load_model, load_tokenizer
-from poetry.models import resolve_model_path
-from poetry.prompt import PromptFormat
-
 SUBCOMMANDS = ("predict", "merge", "chat")
+HELP_FLAGS = ("-h", "--help")
+# poetry.precision.DTYPES and auto, spelled out here because importing poetry.precision loads torch
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
 def _positive(text: str) -> int:
@@ -51,53 +43,103 @@ def _model_arguments(parser: argparse.ArgumentParser, adapter_required: bool = F
     parser.add_argument("--model", required=True, help="base or merged model directory, or builtin:NAME")
     parser.add_argument("--adapter", required=adapter_required,
                         help="PEFT LoRA adapter directory, or a run directory (its best checkpoint, else the latest)")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="weight dtype; auto: bf16 where the hardware has it natively, else fp16 on a GPU and "
+                             "fp32 on a CPU (default: %(default)s)")
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def _subcommand(commands, name: str, summary: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=summary, description=summary)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infer.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    predict = commands.add_parser("predict", help="write a submission for an evaluation file (the default)")
+    predict = _subcommand(commands, "predict", "write a submission for an evaluation file (the default)")
     _model_arguments(predict)
     predict.add_argument("--input", required=True, help="evaluation questions: a JSON list or JSONL")
     predict.add_argument("--output", required=True, help="submission file to write")
-    predict.add_argument("--decode", choices=["constrained", "free"], default="constrained")
-    predict.add_argument("--batch-size", type=_positive, default=8)
-    predict.add_argument("--max-new-tokens", type=_positive, default=64, help="token budget of each value")
-    predict.add_argument("--system-prompt", default="", help="system message the model was trained with")
+    predict.add_argument("--decode", choices=["constrained", "free"], default="constrained",
+                         help="constrained forces the answer format; free lets the model write it and repairs what "
+                              "it can (default: %(default)s)")
+    predict.add_argument("--batch-size", type=_positive, default=8,
+                         help="questions decoded together (default: %(default)s)")
+    predict.add_argument("--max-new-tokens", type=_positive, default=64,
+                         help="token budget of each value (default: %(default)s)")
+    predict.add_argument("--system-prompt", default="",
+                         help="system message the model was trained with (default: none)")
     quantization = predict.add_mutually_exclusive_group()
     quantization.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit base weights")
     quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit base weights")
 
-    merge = commands.add_parser("merge", help="fold an adapter into its base and save the result")
+    merge = _subcommand(commands, "merge", "fold an adapter into its base and save the result")
     _model_arguments(merge, adapter_required=True)
     merge.add_argument("--out", required=True, help="directory for the merged model (safetensors) and tokenizer")
 
-    chatting = commands.add_parser("chat", help="answer one free prompt")
+    chatting = _subcommand(commands, "chat", "answer one free prompt")
     _model_arguments(chatting)
-    chatting.add_argument("--prompt", required=True)
-    chatting.add_argument("--max-new-tokens", type=_positive, default=256)
+    chatting.add_argument("--prompt", required=True, help="the user message to answer")
+    chatting.add_argument("--max-new-tokens", type=_positive, default=256,
+                          help="length limit of the reply (default: %(default)s)")
     chatting.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    chatting.add_argument("--temperature", type=float, default=0.7)
-    chatting.add_argument("--top-p", type=float, default=0.9)
+    chatting.add_argument("--temperature", type=float, default=0.7,
+                          help="with --sample: softmax temperature (default: %(default)s)")
+    chatting.add_argument("--top-p", type=float, default=0.9,
+                          help="with --sample: nucleus probability mass (default: %(default)s)")
+    return parser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Arguments starting with an option are predict's; a first word that names no subcommand is an error (it
+    would otherwise be read as predict's, and `infer.py perplexity --help` would answer with predict's help)."""
+    argv = list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in HELP_FLAGS):
         argv = ["predict", *argv]
-    return parser.parse_args(argv)
+    elif argv[0] not in (*SUBCOMMANDS, *HELP_FLAGS):
+        print(f"error: unknown subcommand {argv[0]!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
+    return _parser().parse_args(argv)
+
+
+if __name__ == "__main__":
+    _parse(sys.argv[1:])  # --help and usage errors answer here, before torch loads (~5 s)
+
+# Before transformers is imported: its bars would put carriage returns into logs
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
+
+from poetry.checkpoint import resolve_adapter  # noqa: E402
+from poetry.config import ModelConfig  # noqa: E402
+from poetry.data import DataError, check_submission, load_questions, write_submission  # noqa: E402
+from poetry.decode import UnsupportedTokenizer, chat, decode_constrained, decode_free  # noqa: E402
+from poetry.model import load_model, load_tokenizer  # noqa: E402
+from poetry.models import resolve_model_path  # noqa: E402
+from poetry.precision import choose, default_device  # noqa: E402
+from poetry.prompt import PromptFormat  # noqa: E402
+
+
+def _dtype(requested: str, device: str) -> str:
+    """`requested` resolved for `device`, announced on stdout; a choice that runs far slower warns on stderr."""
+    choice = choose(requested, device, "--dtype")
+    print(f"dtype: {choice.value} ({choice.reason})", flush=True)
+    if choice.warning:
+        print(f"warning: {choice.warning}", file=sys.stderr, flush=True)
+    return choice.value
 
 
 def _load(args: argparse.Namespace):
     """(model, tokenizer) from --model, --dtype, the quantization flags and --adapter, in eval mode."""
-    path = resolve_model_path(args.model)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = resolve_model_path(args.model, key="--model")
+    device = default_device()
+    dtype = _dtype(args.dtype, device)
     quantization = "4bit" if getattr(args, "load_in_4bit", False) else (
         "8bit" if getattr(args, "load_in_8bit", False) else "none")
     tokenizer = load_tokenizer(path)
-    model = load_model(ModelConfig(path=path, dtype=args.dtype or ("bf16" if device == "cuda" else "fp32"),
-                                   quantization=quantization), device, for_training=False)
+    model = load_model(ModelConfig(path=path, dtype=dtype, quantization=quantization), device, for_training=False)
     if quantization == "none":  # quantized weights are placed on the device while loading
         model.to(device)
     if args.adapter:
@@ -185,7 +227,7 @@ def _error(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    args = _parse(sys.argv[1:] if argv is None else argv)
     command = {"predict": _predict, "merge": _merge, "chat": _chat}[args.command]
     try:
         return command(args)

@@ -14,13 +14,14 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/tiny.yaml")
     parser.add_argument("--resume", help="'auto' (the newest complete checkpoint of log.dir, or of the newest run "
-                                         "under runs/) or a checkpoint directory; sets train.resume")
+                                         "under runs/) or a checkpoint directory; sets train.resume "
+                                         "(default: the config's train.resume, a fresh run unless set)")
     parser.add_argument("--profile-memory", action="store_true",
-                        help="record a CUDA memory snapshot of the first steps; sets train.profile_memory")
+                        help="record a CUDA memory snapshot of the first steps; sets train.profile_memory "
+                             "(default: off)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=2e-4 (before or after flags)")
     return parser
 

@@ -26,3 +26,11 @@ def test_export_val_writes_held_out_questions_with_gold(tmp_path, capsys):
     _, val = split_poems(load_poems(SAMPLE / "train-data").records, 0.3, 0)
     assert questions and {q.content for q in questions} <= {p.content for p in val}
     assert all(q.choose[g.choose_id] for q, g in zip(questions, gold))
+
+
+def test_export_val_config_errors_are_one_line(tmp_path, capsys):
+    assert main(["export-val", "--config", str(tmp_path / "absent.yaml"), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: config file {tmp_path / 'absent.yaml'} does not exist\n"
+    assert main(["export-val", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path),
+                 "data.train=/no/such/poems"]) == 2
+    assert capsys.readouterr().err.startswith("error: /no/such/poems")

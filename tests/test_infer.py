@@ -1,5 +1,5 @@
-"""infer.py in-process: valid submissions from constrained and free decoding, merge equals base + adapter, chat,
-and one `error:` line with exit code 2 for bad input."""
+"""infer.py in-process: valid submissions from constrained and free decoding, merge equals base + adapter, chat, the
+--dtype choice, and one `error:` line with exit code 2 for bad input, a missing model or an unknown subcommand."""
 import importlib.util
 import json
 import shutil
@@ -11,6 +11,7 @@ from conftest import ROOT, SAMPLE
 from poetry.config import LoraConfig, ModelConfig
 from poetry.data import check_submission, load_answers, load_questions
 from poetry.model import add_lora, load_model
+from poetry.precision import DTYPES, Choice, choose
 
 # Loaded by path: the repo root is not on sys.path
 _spec = importlib.util.spec_from_file_location("infer_cli", ROOT / "infer.py")
@@ -65,7 +66,7 @@ def test_predict_writes_a_valid_submission_in_order(tiny_model_dir, tmp_path, ca
 def test_quantized_base_with_adapter_writes_a_valid_submission(tiny_model_dir, adapter_dir, few_questions, tmp_path,
                                                                capsys, flag):
     out = tmp_path / "quantized.json"
-    code, printed = run(capsys, "--model", tiny_model_dir, "--adapter", adapter_dir, flag, "--dtype", "bf16",
+    code, printed = run(capsys, "--model", tiny_model_dir, "--adapter", adapter_dir, flag,
                         "--input", few_questions, "--output", out, "--max-new-tokens", 3)
     assert code == 0, printed.err
     check_submission(load_questions(few_questions).records, load_answers(out), str(out))
@@ -142,3 +143,67 @@ def test_adapter_may_be_a_run_directory(adapter_dir, tmp_path):
     assert resolve_adapter(run) == run / "checkpoints" / "step-000002"
     with pytest.raises(FileNotFoundError, match="neither an adapter directory nor a run directory"):
         resolve_adapter(tmp_path / "empty")
+
+
+def test_dtype_choices_are_the_precision_modules_plus_auto():
+    assert set(infer.DTYPE_CHOICES) == {"auto", *DTYPES}  # spelled out in infer.py so that --help needs no torch
+
+
+def load_for_chat(tiny_model_dir, *flags):
+    return infer._load(infer._parse(["chat", "--model", str(tiny_model_dir), "--prompt", "你好", *flags]))
+
+
+def test_dtype_auto_is_resolved_for_the_device_and_announced(tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(infer, "default_device", lambda: "cpu")
+    expected = choose("auto", "cpu", "--dtype")
+    model, _ = load_for_chat(tiny_model_dir)
+    printed = capsys.readouterr()
+    assert printed.out.splitlines()[0] == f"dtype: {expected.value} ({expected.reason})" and printed.err == ""
+    assert next(model.parameters()).dtype == DTYPES[expected.value]
+
+
+def test_dtype_choice_reaches_the_model_and_its_warning_goes_to_stderr(tiny_model_dir, monkeypatch, capsys):
+    asked = []
+
+    def slow_choice(requested, device, what):
+        asked.append((requested, device, what))
+        return Choice("fp16", "as configured", "fp16 is slow here")
+
+    monkeypatch.setattr(infer, "default_device", lambda: "cpu")
+    monkeypatch.setattr(infer, "choose", slow_choice)
+    model, _ = load_for_chat(tiny_model_dir, "--dtype", "fp16")
+    printed = capsys.readouterr()
+    assert asked == [("fp16", "cpu", "--dtype")]
+    assert printed.out.splitlines()[0] == "dtype: fp16 (as configured)"
+    assert printed.err == "warning: fp16 is slow here\n"
+    assert next(model.parameters()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("predict", ["--input", EVAL, "--output", "out.json"]),
+    ("merge", ["--adapter", "adapter", "--out", "merged"]),
+    ("chat", ["--prompt", "你好"]),
+])
+def test_missing_model_directory_is_one_error_line_naming_the_flag(command, extra, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    absent = tmp_path / "no-such-model"
+    code, printed = run(capsys, command, "--model", absent, *extra)
+    assert code == 2 and printed.out == ""
+    assert printed.err == f"error: --model={absent}: no such directory (and HF_HUB_OFFLINE=1, so no hub download)\n"
+
+
+@pytest.mark.parametrize("argv", [["perplexity", "--help"], ["perplexity"], ["predcit", "--model", "m"]])
+def test_unknown_subcommand_is_one_error_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        infer.main(argv)
+    printed = capsys.readouterr()
+    assert exit_.value.code == 2 and printed.out == ""
+    assert printed.err == f"error: unknown subcommand {argv[0]!r}; choose one of predict, merge, chat\n"
+
+
+def test_options_first_still_mean_predict(capsys):
+    args = infer._parse(["--model", "m", "--input", "in.json", "--output", "out.json"])
+    assert args.command == "predict" and args.batch_size == 8 and args.dtype == "auto"
+    with pytest.raises(SystemExit) as exit_:
+        infer.main(["--model", "m", "--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: infer.py predict")

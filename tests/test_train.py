@@ -340,6 +340,6 @@ def test_overrides_may_follow_flags():
 def test_help_shows_defaults_and_answers_before_torch_loads():
     result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "train.py"), "--help"],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert result.returncode == 0 and "section.key=value" in result.stdout and "(default: None)" in result.stdout
+    assert result.returncode == 0 and "section.key=value" in result.stdout and "(default: off)" in result.stdout
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
     assert "argparse" in imported and "torch" not in imported and "poetry.config" not in imported

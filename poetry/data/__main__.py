@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ..config import ConfigError, load_config
 from . import DataError, load_poems, split_poems, validation_examples, write_submission
 from .stats import compute_stats
 
@@ -28,8 +29,6 @@ def stats(args, console: Console) -> None:
 
 def export_val(args, console: Console) -> None:
     """Only complete questions (words, sentences and options) are exported: the official format requires all three."""
-    from ..config import load_config
-
     cfg = load_config(args.config, args.overrides)
     poems = load_poems(cfg.data.train, on_invalid=cfg.data.on_invalid).records
     _, val = split_poems(poems, cfg.data.val_fraction, cfg.data.split_seed)
@@ -47,23 +46,32 @@ def export_val(args, console: Console) -> None:
                   f"{out}/questions.json and {out}/gold.json", highlight=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m poetry.data", description=__doc__.split("\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m poetry.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    stats_parser = sub.add_parser("stats", help="counts and coverage of training poems")
+    stats_help = "counts and coverage of training poems"
+    stats_parser = sub.add_parser("stats", help=stats_help, description=stats_help)
     stats_parser.add_argument("path", help="a train-data directory, a JSON list or a JSONL file")
-    stats_parser.add_argument("--on-invalid", choices=["error", "skip"], default="error")
-    stats_parser.add_argument("--max-items", type=int, default=3, help="words/sentences per built question")
-    export = sub.add_parser("export-val", help="held-out validation questions and gold answers of a config")
-    export.add_argument("--config", required=True)
-    export.add_argument("--out", required=True)
+    stats_parser.add_argument("--on-invalid", choices=["error", "skip"], default="error",
+                              help="an invalid record stops the run, or is skipped and counted (default: %(default)s)")
+    stats_parser.add_argument("--max-items", type=int, default=3,
+                              help="words/sentences per built question (default: %(default)s)")
+    export_help = "held-out validation questions and gold answers of a config"
+    export = sub.add_parser("export-val", help=export_help, description=export_help)
+    export.add_argument("--config", required=True, help="training config (YAML) whose validation split is exported")
+    export.add_argument("--out", required=True, help="directory for questions.json and gold.json")
     export.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     console = Console()
     try:
         {"stats": stats, "export-val": export_val}[args.command](args, console)
-    except DataError as err:
+    except (DataError, ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
