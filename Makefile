@@ -52,10 +52,10 @@ demo: install-demo
 	$(BIN)/python train.py --config configs/demo.yaml log.dir=$(RUN) data.train=$(DATA) $(DEMO_FLAGS); \
 	$(BIN)/python -m poetry.data export-val --config $(RUN)/config.yaml --out $(RUN)/heldout; \
 	$(BIN)/python infer.py --model $$gemma --input $(RUN)/heldout/questions.json --output $(RUN)/zero_shot.json \
-		--batch-size 8 --max-new-tokens 48; \
+		--batch-size 16 --max-new-tokens 32; \
 	final=$$(ls -d $(RUN)/checkpoints/step-* | tail -n 1); \
 	$(BIN)/python infer.py --model $$gemma --adapter $$final --input $(RUN)/heldout/questions.json \
-		--output $(RUN)/finetuned.json --batch-size 8 --max-new-tokens 48; \
+		--output $(RUN)/finetuned.json --batch-size 16 --max-new-tokens 32; \
 	$(BIN)/python evaluate.py --gold $(RUN)/heldout/gold.json --pred $(RUN)/zero_shot.json --label zero-shot \
 		--pred $(RUN)/finetuned.json --label fine-tuned --bertscore-model $$gemma --bertscore-layer 9 \
 		--report $(RUN)/report.json; \

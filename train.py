@@ -210,6 +210,7 @@ def train(cfg):
     first_step = step
     if cfg.eval.at_start and step == 0:
         evaluate()
+        run.start_clock()
     loss_model.train()
     timer, train_time, real_total, padded_total = time.time(), 0.0, 0.0, 0.0
     for epoch in range(epoch, epochs):

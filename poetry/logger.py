@@ -128,12 +128,17 @@ class RunLog:
             (self.progress.console if self.progress else self.console).print(*parts)
 
     def start_progress(self, total_steps: int, done: int) -> None:
-        self.total_steps, self.first_step, self.loop_started = total_steps, done, time.time()
+        self.total_steps, self.first_step = total_steps, done
+        self.start_clock()
         if self.is_main and sys.stdout.isatty():
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                      TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console)
             self.progress.start()
             self.task = self.progress.add_task("train", total=total_steps, completed=done, status="")
+
+    def start_clock(self) -> None:
+        """The pace behind the ETA is measured from here (after a one-off step-0 evaluation, not before it)."""
+        self.loop_started = time.time()
 
     def eta_s(self, step: int) -> float | None:
         """Seconds left at this session's pace so far (evaluation and saving included); None before a step."""
