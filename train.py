@@ -3,7 +3,9 @@
     accelerate launch train.py --config configs/tiny.yaml [section.key=value ...] [--resume auto|PATH]
     python train.py --config configs/tiny.yaml
 
-Setup is split by concern (config, model, data, optimization, resume); the loop below it reads top to bottom.
+Read it top to bottom: `setup(cfg)` builds a `Run` by concern (processes and run directory, model, data,
+optimization, resumed state), `fit(run)` is the loop, and `optimizer_step`, `evaluate` and `save` are the plain
+functions the loop calls. Everything the loop counts lives in one `TrainState`, saved and restored whole.
 Mixed precision is owned here, not by Accelerate: `torch.autocast` plus `GradScaler(enabled=fp16)` is one code
 path for fp32/bf16/fp16 on CPU and CUDA (Accelerate's own fp16 silently runs fp32 on CPU).
 """
@@ -29,38 +31,34 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     build_parser().parse_intermixed_args()  # --help and usage errors answer here, before torch loads (~2 s)
 
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
 
-from poetry.batching import Collator, LengthBucketBatchSampler, target_tokens  # noqa: E402
-from poetry.checkpoint import config_changes, load_adapter, load_state, prune, resolve_resume, \
-    run_dir_to_resume, save_checkpoint, set_rng_state, step_of, update_best  # noqa: E402
-from poetry.config import ConfigError, check_inputs, load_config  # noqa: E402
+from poetry import batching, checkpoint, logger, memory, optim  # noqa: E402
+from poetry.config import Config, ConfigError, check_inputs, load_config  # noqa: E402
 from poetry.data import DataError  # noqa: E402
 from poetry.dataset import TaskData  # noqa: E402
 from poetry.distributed import Parallel  # noqa: E402
 from poetry.evaluation import Evaluator  # noqa: E402
-from poetry.logger import TRACKER_PROJECT, RunLog, default_run_dir, flat_config, quiet_libraries, \
-    tracker_for  # noqa: E402
 from poetry.loss import TargetOnlyLoss  # noqa: E402
-from poetry.memory import CudaSnapshot, MemoryMonitor, estimate_table  # noqa: E402
 from poetry.model import add_lora, load_model, load_tokenizer, trainable_parameters  # noqa: E402
 from poetry.models import resolve_model_path  # noqa: E402
-from poetry.optim import build_optimizer, build_scheduler  # noqa: E402
 from poetry.precision import DTYPES  # noqa: E402
 from poetry.prompt import PromptFormat  # noqa: E402
 
-SNAPSHOT_STEPS = 3  # optimizer steps recorded by --profile-memory
+SNAPSHOT_STEPS = 3  # optimizer steps recorded by --profile-memory, counted from this session's first
 SAVES_PER_RUN = 10  # train.save_every=0: a checkpoint every ~10% of the run, so a crash loses at most that
 
 
-def parse_args(argv):
+def parse_args(argv) -> Config:
     args = build_parser().parse_intermixed_args(argv)
     overrides = list(args.overrides)
     overrides += [f"train.resume={args.resume}"] if args.resume else []
@@ -68,229 +66,312 @@ def parse_args(argv):
     return load_config(args.config, overrides)
 
 
-def windows(sampler, size: int):
-    """Group the epoch's micro-batches into accumulation windows; the last one may be shorter."""
-    window = []
-    for indices in sampler:
-        window.append(indices)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
+@dataclass
+class TrainState:
+    """What the loop counts. Saved in every checkpoint and restored on resume as a whole: a new field needs no
+    other edit."""
+
+    step: int = 0  # optimizer steps done
+    micro_step: int = 0  # forward/backward passes done
+    epoch: int = 0  # the epoch the sampler is in
+    skipped: int = 0  # optimizer steps the fp16 scaler skipped (inf/NaN gradients)
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
 
 
-def train(cfg):
-    """Run the whole training; returns (run directory, trained PeftModel)."""
-    check_inputs(cfg)  # a wrong path fails now, not after minutes of loading a model
-    quiet_libraries()
-    tracker = tracker_for(cfg.log)
-    processes = PartialState(cpu=cfg.train.cpu)  # the process group first: the ranks agree on one run directory
-    launched, world = int(os.environ.get("WORLD_SIZE", "1")), processes.num_processes
-    if launched != world:  # torchrun on CPU without cpu=True: N independent runs that each believe they are rank 0
-        raise ConfigError(f"{launched} processes were launched but Accelerate sees {world}; on CPU set train.cpu=true")
-    chosen = cfg.log.dir or run_dir_to_resume(cfg.train.resume) or default_run_dir()
+@dataclass
+class Pace:
+    """This session's throughput: training time and tokens, with evaluation and saving kept apart."""
+
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    steps: int = 0
+    tokens: float = 0.0
+    padded_tokens: float = 0.0
+
+
+@dataclass
+class Run:
+    """Everything `fit` and the functions it calls use, built once by `setup`."""
+
+    cfg: Config
+    accelerator: Accelerator
+    parallel: Parallel  # DDP or FSDP2 behind one interface
+    log: logger.RunLog
+    model: torch.nn.Module  # the PEFT model: owns the adapters, saves them, decodes
+    loss_model: torch.nn.Module  # TargetOnlyLoss around `model`, wrapped by DDP/FSDP: what the loop calls
+    data: TaskData
+    sampler: batching.LengthBucketBatchSampler
+    collate: batching.Collator
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # a no-op unless fp16
+    evaluator: Evaluator
+    monitor: memory.MemoryMonitor
+    checkpoints: Path
+    total_steps: int
+    save_every: int
+    state: TrainState = dataclasses.field(default_factory=TrainState)
+    pace: Pace = dataclasses.field(default_factory=Pace)
+
+
+def autocast(precision: str, device_type: str):
+    """The one mixed-precision switch: a no-op in fp32; fp16 also needs the GradScaler."""
+    return torch.autocast(device_type, dtype=DTYPES[precision], enabled=precision != "fp32")
+
+
+# --- setup, by concern ---------------------------------------------------------------------------------------------
+
+def setup_processes(cfg: Config) -> tuple[Accelerator, logger.RunLog, Path | None]:
+    """The process group, the run directory the ranks agree on, the run log; and the checkpoint to resume, if any."""
+    tracker = logger.tracker_for(cfg.log)
+    PartialState(cpu=cfg.train.cpu)  # the process group first: rank 0's choice of run directory is broadcast
+    chosen = cfg.log.dir or checkpoint.run_dir_to_resume(cfg.train.resume) or logger.default_run_dir()
     run_dir = Path(broadcast_object_list([str(chosen)])[0])
-    cfg.log.dir = str(run_dir)
     accelerator = Accelerator(cpu=cfg.train.cpu, log_with=tracker, project_dir=run_dir)
-    device = accelerator.device
-    parallel = Parallel(accelerator, cfg)  # DDP, or FSDP2 shards with train.fsdp / an FSDP accelerate config
-    if device.type == "cpu" and cfg.model.quantization == "4bit" and cfg.eval.every:
-        raise ConfigError("model.quantization=4bit on CPU: bitsandbytes breaks the training step after an in-loop "
-                          "no_grad forward (silently wrong LoRA gradients on Llama); use 8bit or none, or eval.every=0")
     if tracker:
-        accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(cfg),
+        accelerator.init_trackers(logger.TRACKER_PROJECT, config=logger.flat_config(cfg),
                                   init_kwargs={"wandb": {"name": run_dir.name}})
-    checkpoints = run_dir / "checkpoints"
-    resume = resolve_resume(cfg.train.resume, checkpoints)
-    run = RunLog(cfg, run_dir, accelerator.is_main_process, accelerator if tracker else None,
-                 resumed_at=step_of(resume) if resume else None)
-    set_seed(cfg.train.seed)  # same LoRA init on every rank
-    sharing = "FSDP" if parallel.fsdp else "DDP" if world > 1 else "one process"
-    run.print(f"run directory: {run_dir}   processes: {world} ({sharing})   device: {device}")
-    run.print_config()
+    resume = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")
+    log = logger.RunLog(cfg, run_dir, accelerator.is_main_process, accelerator if tracker else None,
+                        resumed_at=checkpoint.step_of(resume) if resume else None)
+    sharing = "FSDP" if cfg.train.fsdp else "DDP" if accelerator.num_processes > 1 else "one process"
+    log.print(f"run directory: {run_dir}   processes: {accelerator.num_processes} ({sharing})   "
+              f"device: {accelerator.device}")
+    log.print_config()
     for note in cfg.notes:  # what `auto` chose and why, and warnings of a slow explicit choice
-        run.print(note)
+        log.print(note)
     if cfg.train.resume == "auto" and not resume:
-        run.print(f"--resume auto: no complete checkpoint in {checkpoints}, so this run starts fresh")
-    changed = config_changes(resume, cfg) if resume else []
+        log.print(f"--resume auto: no complete checkpoint in {run_dir / 'checkpoints'}, so this run starts fresh")
+    changed = checkpoint.config_changes(resume, cfg) if resume else []
     if changed:
-        run.print(f"warning: resuming from {resume} with a config that changes the training maths: "
+        log.print(f"warning: resuming from {resume} with a config that changes the training maths: "
                   + "; ".join(changed))
+    return accelerator, log, resume
 
-    # --- model: frozen base + fp32 LoRA adapters, replicated (DDP) or sharded (FSDP) over the processes
+
+def setup_model(cfg: Config, accelerator: Accelerator, log: logger.RunLog):
+    """(tokenizer, PEFT model): a frozen base and fp32 LoRA adapters, on this process's device."""
     with accelerator.main_process_first():  # a builtin:NAME model is built once, by rank 0
-        cfg.model.path = resolve_model_path(cfg.model.path)
-    run.print(estimate_table(cfg, device=device.type, shards=world if parallel.fsdp else 1)[0])
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    model = add_lora(load_model(cfg.model, device), cfg.lora)
+        path = resolve_model_path(cfg.model.path)
+    model_cfg = dataclasses.replace(cfg.model, path=path)
+    shards = accelerator.num_processes if cfg.train.fsdp else 1
+    log.print(memory.estimate_table(cfg, path, device=accelerator.device.type, shards=shards)[0])
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    model = add_lora(load_model(model_cfg, accelerator.device), cfg.lora)
     trainable, total = trainable_parameters(model)
-    run.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    if resume:
-        load_adapter(model, resume)  # before sharding: the saved tensors are whole
-    loss_model = parallel.wrap(TargetOnlyLoss(model))
-    trainable_params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP swaps in shards
+    log.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    return tokenizer, model
 
-    # --- data: questions re-drawn per epoch, bucketed by length, padded per batch
-    fmt = PromptFormat(tokenizer, cfg.data.system_prompt)
-    data = TaskData(cfg.data, fmt, cfg.train.seed)
-    sampler = LengthBucketBatchSampler(data.train_epoch(0)["length"], cfg.train.micro_batch_size, cfg.train.seed,
-                                       cfg.train.bucket_multiplier, cfg.train.max_tokens_per_batch, world,
-                                       accelerator.process_index)
-    collate = Collator(tokenizer.pad_token_id)
-    run.print(f"poems: {len(data.train_poems)} train, {len(data.val_poems)} validation; "
+
+def setup_data(cfg: Config, tokenizer, accelerator: Accelerator, log: logger.RunLog):
+    """(questions re-drawn per epoch, a length-bucketed sampler over this rank's share, a padding collator)."""
+    data = TaskData(cfg.data, PromptFormat(tokenizer, cfg.data.system_prompt), cfg.train.seed)
+    sampler = batching.LengthBucketBatchSampler(
+        data.train_epoch(0)["length"], cfg.train.micro_batch_size, cfg.train.seed, cfg.train.bucket_multiplier,
+        cfg.train.max_tokens_per_batch, accelerator.num_processes, accelerator.process_index)
+    log.print(f"poems: {len(data.train_poems)} train, {len(data.val_poems)} validation; "
               f"questions per epoch: {len(data.train_epoch(0))}; validation questions: {len(data.val_examples)}")
+    return data, sampler, batching.Collator(tokenizer.pad_token_id)
 
-    # --- optimization
-    optimizer = build_optimizer(model, cfg.train)  # over the (sharded) adapters, so after wrap
-    steps_per_epoch = math.ceil(len(sampler) / cfg.train.grad_accum)
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    epochs = math.ceil(total_steps / steps_per_epoch)  # max_steps, when set, overrides train.epochs
-    save_every = cfg.train.save_every or math.ceil(total_steps / SAVES_PER_RUN)
-    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    precision = cfg.train.precision
-    scaler = parallel.grad_scaler(device.type, enabled=precision == "fp16")
 
-    def autocast():
-        return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
-
-    evaluator = Evaluator(cfg.eval, data, fmt, collate, parallel, autocast, run.heartbeat)
-
-    # --- resume: optimizer, scheduler, scaler, sampler and RNG exactly where they were (the adapter is loaded)
-    step = micro_step = skipped = 0
-    epoch = 0
+def setup(cfg: Config) -> Run:
+    check_inputs(cfg)  # a wrong path fails now, not after minutes of loading a model
+    logger.quiet_libraries()
+    accelerator, log, resume = setup_processes(cfg)
+    set_seed(cfg.train.seed)  # the same LoRA init on every rank
+    tokenizer, model = setup_model(cfg, accelerator, log)
     if resume:
-        state = load_state(resume)
-        parallel.load_optimizer_state_dict(loss_model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        step, micro_step, skipped, epoch = state["step"], state["micro_step"], state["skipped"], state["epoch"]
-        set_rng_state(state["rng"])
-        run.print(f"resumed from {resume} at optimizer step {step} (epoch {epoch}, micro-step {micro_step})")
+        checkpoint.load_adapter(model, resume)  # before sharding: the saved tensors are whole
+    parallel = Parallel(accelerator, cfg)
+    loss_model = parallel.wrap(TargetOnlyLoss(model))
+    data, sampler, collate = setup_data(cfg, tokenizer, accelerator, log)
 
-    def save() -> None:
-        adapter = parallel.adapter_state_dict(model)  # collectives under FSDP: every rank takes part
-        optimizer_state = parallel.optimizer_state_dict(loss_model, optimizer)
-        if accelerator.is_main_process:
-            save_checkpoint(checkpoints, step, model, cfg, {
-                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "step": step,
-                "micro_step": micro_step, "skipped": skipped, "epoch": epoch}, adapter)
-            prune(checkpoints, cfg.train.keep_last)
-        accelerator.wait_for_everyone()
+    optimizer = optim.build_optimizer(model, cfg.train)  # over the (sharded) adapters, so after wrap
+    steps_per_epoch = math.ceil(len(sampler) / cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs  # max_steps overrides epochs
+    device_autocast = functools.partial(autocast, cfg.train.precision, accelerator.device.type)
+    run = Run(cfg, accelerator, parallel, log, model, loss_model, data, sampler, collate, optimizer,
+              optim.build_scheduler(optimizer, cfg.train, total_steps),
+              parallel.grad_scaler(accelerator.device.type, enabled=cfg.train.precision == "fp16"),
+              Evaluator(cfg.eval, data, data.fmt, collate, parallel, device_autocast, log.heartbeat),
+              memory.MemoryMonitor(accelerator.device), checkpoints=log.dir / "checkpoints", total_steps=total_steps,
+              save_every=cfg.train.save_every or math.ceil(total_steps / SAVES_PER_RUN))
+    if resume:
+        restore(run, resume)
+    return run
 
-    memory = MemoryMonitor(device)
-    eval_time = 0.0
 
-    def evaluate() -> bool:
-        """Log validation metrics; True when they make this step the best so far (step 0, before any training, is
-        a curve's starting point, not a checkpoint)."""
-        nonlocal eval_time
-        started = time.time()
-        run.print(f"{run.where(step)}  evaluating: {evaluator.describe()}")
-        with memory.phase("eval"):
-            metrics = evaluator.run(accelerator.unwrap_model(loss_model), model)
-        eval_time += time.time() - started
-        if not metrics:
-            return False
-        run.log(step, {**metrics, "val/seconds": time.time() - started})
-        run.draw_curves()
-        value = metrics.get(cfg.eval.best_metric)
-        is_best = value is not None and step > 0 and accelerator.is_main_process and \
-            update_best(checkpoints, step, cfg.eval.best_metric, value, cfg.eval.best_mode)
-        if is_best:
-            run.print(f"new best {cfg.eval.best_metric}={value:.4g} at step {step}")
-        return bool(broadcast_object_list([is_best])[0])
+def restore(run: Run, path: Path) -> None:
+    """Optimizer, scheduler, scaler, sampler, RNG and counters exactly where they were (the adapter is loaded)."""
+    saved = checkpoint.load_state(path)
+    run.parallel.load_optimizer_state_dict(run.loss_model, run.optimizer, saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.scaler.load_state_dict(saved["scaler"])
+    run.sampler.load_state_dict(saved["sampler"])
+    run.state.load_state_dict(saved["train_state"])
+    checkpoint.set_rng_state(saved["rng"])
+    run.log.print(f"resumed from {path} at optimizer step {run.state.step} (epoch {run.state.epoch}, "
+                  f"micro-step {run.state.micro_step})")
 
-    # --- the loop
-    snapshot = CudaSnapshot(run_dir / "memory_snapshot.pickle", cfg.train.profile_memory)
+
+# --- the loop ------------------------------------------------------------------------------------------------------
+
+def accumulation_windows(run: Run):
+    """(dataset, the micro-batches of one optimizer step) from where the state says, across epochs for ever; the
+    last window of an epoch may be shorter."""
+    while True:
+        dataset = run.data.train_epoch(run.state.epoch)
+        run.sampler.set_epoch(run.state.epoch, dataset["length"])
+        window = []
+        for indices in run.sampler:
+            window.append(indices)
+            if len(window) == run.cfg.train.grad_accum:
+                yield dataset, window
+                window = []
+        if window:
+            yield dataset, window
+        run.state.epoch += 1
+
+
+def fit(run: Run) -> None:
+    cfg, state = run.cfg, run.state
+    snapshot = memory.CudaSnapshot(run.log.dir / "memory_snapshot.pickle", cfg.train.profile_memory)
     snapshot.start()
-    run.start_progress(total_steps, step)
-    first_step = step
-    if cfg.eval.at_start and step == 0:
-        evaluate()
-        run.start_clock()
-    loss_model.train()
-    timer, train_time, real_total, padded_total = time.time(), 0.0, 0.0, 0.0
-    for epoch in range(epoch, epochs):
-        dataset = data.train_epoch(epoch)
-        sampler.set_epoch(epoch, dataset["length"])
-        for window in windows(sampler, cfg.train.grad_accum):
-            batches = [{k: v.to(device) for k, v in collate(dataset[indices]).items()} for indices in window]
-            # normalise by the target tokens of the whole optimizer step on all ranks: a micro-batch with 3 answer
-            # tokens must not weigh as much as one with 300 (a mean of micro-batch means would)
-            counts = torch.tensor([[target_tokens(b), int(b["attention_mask"].sum()), b["input_ids"].numel()]
-                                   for b in batches], device=device, dtype=torch.float64).sum(0)
-            step_targets, real_tokens, padded_tokens = accelerator.reduce(counts).tolist()
-            loss_total = torch.zeros((), device=device)
-            for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                with parallel.gradient_sync(loss_model, last):  # reduce gradients once per optimizer step
-                    with memory.phase("forward"), autocast():
-                        loss_sum, _ = loss_model(**batch)
-                    with memory.phase("backward"):
-                        # DDP and FSDP average gradients over ranks, so each rank's share is scaled back up by `world`
-                        scaler.scale(loss_sum * world / step_targets).backward()
-                loss_total += loss_sum.detach()
-                micro_step += 1
+    first_step = state.step
+    run.log.start_progress(run.total_steps, state.step)
+    if cfg.eval.at_start and state.step == 0:
+        evaluate(run)
+    run.log.start_clock()  # the ETA's pace: training steps, not the one-off evaluation before them
+    run.loss_model.train()
+    windows = accumulation_windows(run)
+    while state.step < run.total_steps:
+        started = time.time()
+        dataset, window = next(windows)
+        batches = [{k: v.to(run.accelerator.device) for k, v in run.collate(dataset[indices]).items()}
+                   for indices in window]
+        # normalise by the target tokens of the whole optimizer step on all ranks: a micro-batch with 3 answer
+        # tokens must not weigh as much as one with 300 (a mean of micro-batch means would)
+        counts = torch.tensor([[batching.target_tokens(b), int(b["attention_mask"].sum()), b["input_ids"].numel()]
+                               for b in batches], device=run.accelerator.device, dtype=torch.float64).sum(0)
+        step_targets, tokens, padded_tokens = run.accelerator.reduce(counts).tolist()
+        loss_total = torch.zeros((), device=run.accelerator.device)
+        for i, batch in enumerate(batches):
+            with run.parallel.gradient_sync(run.loss_model, sync=i == len(batches) - 1):  # once per step
+                with run.monitor.phase("forward"), autocast(cfg.train.precision, run.accelerator.device.type):
+                    loss_sum, _ = run.loss_model(**batch)
+                with run.monitor.phase("backward"):
+                    # DDP and FSDP average gradients over ranks, so each rank's share is scaled back up
+                    run.scaler.scale(loss_sum * run.accelerator.num_processes / step_targets).backward()
+            loss_total += loss_sum.detach()
+            state.micro_step += 1
+        grad_norm = optimizer_step(run)
+        state.step += 1
 
-            with memory.phase("optimizer"):
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                grad_norm = parallel.clip_grad_norm(trainable_params, cfg.train.max_grad_norm or math.inf)
-                scale = scaler.get_scale()
-                scaler.step(optimizer)  # the scaler skips the update when a gradient is inf/NaN (fp16 overflow)
-                scaler.update()
-                skipped += int(scaler.is_enabled() and scaler.get_scale() < scale)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
+        elapsed = time.time() - started
+        run.pace.train_s, run.pace.steps = run.pace.train_s + elapsed, run.pace.steps + 1
+        run.pace.tokens, run.pace.padded_tokens = run.pace.tokens + tokens, run.pace.padded_tokens + padded_tokens
+        run.log.record(state.step, {
+            "train/loss": (run.accelerator.reduce(loss_total) / step_targets).item(),
+            "train/lr": run.scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
+            "train/loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else 1.0,
+            "train/skipped_steps": state.skipped, "train/epoch": state.epoch, "train/micro_step": state.micro_step,
+            "train/tokens_per_s": tokens / elapsed, "train/target_tokens_per_s": step_targets / elapsed,
+            "train/padding_efficiency": tokens / padded_tokens, **run.monitor.summary(),
+        }, echo=state.step % cfg.log.every == 0 or state.step == 1)
+        if state.step == first_step + SNAPSHOT_STEPS:
+            snapshot.stop()
 
-            elapsed, timer = time.time() - timer, time.time()
-            train_time, real_total, padded_total = train_time + elapsed, real_total + real_tokens, \
-                padded_total + padded_tokens
-            run.log(step, {
-                "train/loss": (accelerator.reduce(loss_total) / step_targets).item(),
-                "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
-                "train/loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
-                "train/skipped_steps": skipped, "train/epoch": epoch, "train/micro_step": micro_step,
-                "train/tokens_per_s": real_tokens / elapsed, "train/target_tokens_per_s": step_targets / elapsed,
-                "train/padding_efficiency": real_tokens / padded_tokens, **memory.summary(),
-            }, echo=step % cfg.log.every == 0 or step == 1)
-            if step == SNAPSHOT_STEPS:
-                snapshot.stop()
-
-            is_best = bool(cfg.eval.every) and step % cfg.eval.every == 0 and step < total_steps and evaluate()
-            loss_model.train()
-            if is_best or step % save_every == 0:
-                save()
-            timer = time.time()  # evaluation and saving are not training time
-            if step >= total_steps:
-                break
-        if step >= total_steps:
-            break
-
+        last = state.step == run.total_steps
+        is_best = False
+        if last or (cfg.eval.every and state.step % cfg.eval.every == 0):
+            is_best = evaluate(run)
+            run.loss_model.train()
+        if last or is_best or state.step % run.save_every == 0:
+            save(run)
     snapshot.stop()
-    evaluate()
-    save()
-    run.print(f"done: {step} optimizer steps, {micro_step} micro-steps, {skipped} skipped; "
-              f"adapter in {checkpoints / f'step-{step:06d}'}")
-    steps_done = step - first_step
-    if train_time:
-        run.print(f"this session: {steps_done / train_time:.2f} steps/s, {real_total / train_time:.0f} tokens/s, "
-                  f"padding efficiency {real_total / padded_total:.3f}, evaluation {eval_time:.0f} s "
-                  f"({100 * eval_time / train_time:.0f}% of training time), peak memory {memory.summary()}")
-    for path in run.draw_curves():
-        run.print(f"curve: {path}")
-    run.close()
-    accelerator.end_training()
-    return run_dir, model
+    report(run)
+
+
+def optimizer_step(run: Run) -> torch.Tensor:
+    """Unscale, clip, step (skipped by the scaler on inf/NaN), schedule; returns the gradient norm before clipping."""
+    with run.monitor.phase("optimizer"):
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+        trainable = [p for p in run.model.parameters() if p.requires_grad]  # FSDP's shards, once wrapped
+        grad_norm = run.parallel.clip_grad_norm(trainable, run.cfg.train.max_grad_norm or math.inf)
+        scale = run.scaler.get_scale()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.state.skipped += int(run.scaler.is_enabled() and run.scaler.get_scale() < scale)
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def evaluate(run: Run) -> bool:
+    """Log validation metrics; True when they make this step the best so far. Step 0, before any training, is a
+    curve's starting point, never a checkpoint. Leaves the model in eval mode."""
+    step, started = run.state.step, time.time()
+    run.log.print(f"{run.log.where(step)}  evaluating: {run.evaluator.describe()}")
+    with run.monitor.phase("eval"):
+        metrics = run.evaluator.run(run.accelerator.unwrap_model(run.loss_model), run.model)
+    run.pace.eval_s += time.time() - started
+    if not metrics:
+        return False
+    run.log.record(step, {**metrics, "val/seconds": time.time() - started})
+    run.log.draw_curves()
+    best_metric = run.cfg.eval.best_metric
+    value = metrics.get(best_metric)
+    is_best = False
+    if value is not None and step > 0 and run.accelerator.is_main_process:
+        is_best = checkpoint.update_best(run.checkpoints, step, best_metric, value, run.cfg.eval.best_mode)
+    if is_best:
+        run.log.print(f"new best {best_metric}={value:.4g} at step {step}")
+    return bool(broadcast_object_list([is_best])[0])  # rank 0 decides; every rank takes part in the save
+
+
+def save(run: Run) -> None:
+    """A LoRA-only checkpoint with everything a resume needs; the oldest beyond train.keep_last are pruned."""
+    adapter = run.parallel.adapter_state_dict(run.model)  # collectives under FSDP: every rank takes part
+    optimizer_state = run.parallel.optimizer_state_dict(run.loss_model, run.optimizer)
+    if run.accelerator.is_main_process:
+        checkpoint.save_checkpoint(run.checkpoints, run.state.step, run.model, run.cfg, {
+            "optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "sampler": run.sampler.state_dict(), "train_state": run.state.state_dict()}, adapter)
+        checkpoint.prune(run.checkpoints, run.cfg.train.keep_last)
+    run.accelerator.wait_for_everyone()
+
+
+def report(run: Run) -> None:
+    state, pace = run.state, run.pace
+    run.log.print(f"done: {state.step} optimizer steps, {state.micro_step} micro-steps, {state.skipped} skipped; "
+                  f"adapter in {run.checkpoints / f'step-{state.step:06d}'}")
+    if pace.train_s:
+        run.log.print(f"this session: {pace.steps / pace.train_s:.2f} steps/s, {pace.tokens / pace.train_s:.0f} "
+                      f"tokens/s, padding efficiency {pace.tokens / pace.padded_tokens:.3f}, evaluation "
+                      f"{pace.eval_s:.0f} s ({100 * pace.eval_s / pace.train_s:.0f}% of training time), "
+                      f"peak memory {run.monitor.summary()}")
+    for path in run.log.draw_curves():
+        run.log.print(f"curve: {path}")
+
+
+def train(cfg: Config):
+    """The whole training; returns (run directory, trained PEFT model)."""
+    run = setup(cfg)
+    fit(run)
+    run.log.close()
+    run.accelerator.end_training()
+    return run.log.dir, run.model
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = parse_args(argv)
-        train(cfg)
+        train(parse_args(argv))
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

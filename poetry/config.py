@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -206,8 +207,9 @@ def parse_override(text: str) -> dict:
     return nested
 
 
-def validate(config: Config) -> None:
-    """Cross-field checks that no single type can express."""
+def validate(config: Config, device: str = "cpu", processes: int = 1) -> None:
+    """Every rule no single type can express, including those of the device (`cpu`/`cuda`) and of the number of
+    processes launched: checked once, before any process group, model or data exists."""
     t = config.train
     positive = {"train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
                 "train.epochs": t.epochs, "train.bucket_multiplier": t.bucket_multiplier, "lora.r": config.lora.r,
@@ -233,6 +235,16 @@ def validate(config: Config) -> None:
     if t.fsdp and t.optimizer != "adamw":
         raise ConfigError(f"train.fsdp: train.optimizer={t.optimizer} (bitsandbytes) cannot step sharded parameters; "
                           "use train.optimizer=adamw (the adapters' fp32 Adam state is small, and sharded too)")
+    if t.fsdp and processes < 2:
+        raise ConfigError("train.fsdp: sharding needs at least 2 processes (accelerate launch --num_processes N "
+                          "or torchrun --nproc_per_node N; add train.cpu=true on CPU)")
+    if processes > 1 and device == "cpu" and not t.cpu:  # Accelerate would see one process: N runs, each rank 0
+        raise ConfigError(f"{processes} processes were launched on CPU; set train.cpu=true so that they form one run")
+    evaluates_in_loop = config.eval.every or config.eval.at_start
+    if device == "cpu" and config.model.quantization == "4bit" and evaluates_in_loop:
+        raise ConfigError("model.quantization=4bit on CPU: bitsandbytes breaks the training step after an in-loop "
+                          "no_grad forward (silently wrong LoRA gradients on Llama); use 8bit or none, or "
+                          "eval.every=0 and eval.at_start=false")
 
 
 OFFICIAL_DATA_HELP = ("the official CCL25-Eval Task 5 training data is in the organisers' repository "
@@ -273,7 +285,8 @@ def fit_to_device(config: Config, device: str) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), device: str | None = None) -> Config:
     """Defaults, then the YAML file, then each `section.key=value` override, then `auto` fitted to the device (by
-    default CUDA when present and train.cpu is off, else CPU), then cross-field validation."""
+    default CUDA when present and train.cpu is off, else CPU) and the launch (an FSDP accelerate config), then
+    validation. Nothing changes the config after this."""
     config = Config()
     if path is not None:
         path = Path(path)
@@ -296,7 +309,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), devic
 
         device = default_device(config.train.cpu)
     fit_to_device(config, device)
-    validate(config)
+    if device == "cuda" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        config.train.fsdp = True  # accelerate launch --config_file configs/accelerate/fsdp.yaml (GPU only)
+    validate(config, device, processes=int(os.environ.get("WORLD_SIZE", "1")))
     return config
 
 

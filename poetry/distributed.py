@@ -12,24 +12,17 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 
 import torch
-from accelerate.utils import DistributedType
 from torch import nn
 
-from .config import Config, ConfigError, validate
+from .config import Config, ConfigError
 
 
 class Parallel:
+    """`cfg.train.fsdp` says which: load_config sets it for an FSDP accelerate config, and has checked the rest."""
+
     def __init__(self, accelerator, cfg: Config):
         self.accelerator = accelerator
-        # `accelerate launch --config_file configs/accelerate/fsdp.yaml` asks for FSDP on GPUs; Accelerate ignores
-        # FSDP on CPU, where train.fsdp=true asks for it
-        if accelerator.distributed_type == DistributedType.FSDP and not cfg.train.fsdp:
-            cfg.train.fsdp = True
-            validate(cfg)
         self.fsdp = cfg.train.fsdp
-        if self.fsdp and accelerator.num_processes < 2:
-            raise ConfigError("train.fsdp: sharding needs at least 2 processes (accelerate launch --num_processes N "
-                              "or torchrun --nproc_per_node N; add train.cpu=true on CPU)")
 
     def wrap(self, loss_module: nn.Module) -> nn.Module:
         """DDP around the loss module, or FSDP2 shards: one unit per decoder layer, the loss module the root."""

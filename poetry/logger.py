@@ -5,6 +5,7 @@ lines every `log.every` steps keep the log readable (no carriage returns, no esc
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -95,7 +96,9 @@ class RunLog:
         self.total_steps, self.first_step, self.loop_started = 0, 0, self.started
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.dir / "config.yaml")
+            # the effective config, with the run directory it went to (chosen at start when log.dir is empty)
+            save_config(dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, dir=str(run_dir))),
+                        self.dir / "config.yaml")
             self._carry_over_metrics(resumed_at)
             self.metrics_file = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
 
@@ -153,7 +156,7 @@ class RunLog:
         return (f"step {step}/{self.total_steps}  elapsed {_clock(time.time() - self.started)}  "
                 f"eta {'?' if eta is None else _clock(eta)}")
 
-    def log(self, step: int, metrics: dict, echo: bool = True) -> None:
+    def record(self, step: int, metrics: dict, echo: bool = True) -> None:
         """Append to metrics.jsonl and trackers; print a line (or update the bar)."""
         if not self.is_main:
             return

@@ -112,15 +112,16 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1) -
     return rows
 
 
-def estimate_table(cfg: Config, budget_gb: float = 32.0, device: str = "cuda", shards: int = 1):
+def estimate_table(cfg: Config, model_path: str, budget_gb: float = 32.0, device: str = "cuda", shards: int = 1):
+    """The estimate as a table, and its total; `model_path` is cfg.model.path resolved (builtin:NAME built)."""
     from rich.table import Table
     from transformers import AutoConfig
 
-    shape = Shape.from_config(AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code))
+    shape = Shape.from_config(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code))
     rows = estimate(cfg, shape, device, shards)
     total = sum(gb for _, gb, _ in rows)
     per_process = f", per process of {shards} (FSDP)" if shards > 1 else ""
-    table = Table(title=f"memory estimate ({device}{per_process}): {cfg.model.path}")
+    table = Table(title=f"memory estimate ({device}{per_process}): {model_path}")
     for column, justify in (("what", "left"), ("GiB", "right"), ("counted as", "left")):
         table.add_column(column, justify=justify)
     for what, gb, how in rows:
@@ -194,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The estimate is of a CUDA run, so `auto` precision is fitted to a GPU even where this machine has none
         cfg = load_config(args.config, args.overrides, device="cuda")
-        cfg.model.path = resolve_model_path(cfg.model.path)  # builds builtin:NAME; one line for a missing path
-        table, _ = estimate_table(cfg, args.budget_gb, shards=args.processes if cfg.train.fsdp else 1)
+        model_path = resolve_model_path(cfg.model.path)  # builds builtin:NAME; one line for a missing path
+        table, _ = estimate_table(cfg, model_path, args.budget_gb, shards=args.processes if cfg.train.fsdp else 1)
     except (ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

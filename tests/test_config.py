@@ -53,4 +53,18 @@ def test_snapshot_round_trips(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    assert isinstance(load_config(path), Config)
+    assert isinstance(load_config(path, device="cuda"), Config)
+
+
+def test_device_rules_are_checked_at_load(monkeypatch):
+    """4-bit with in-loop evaluation on CPU, and several processes on CPU without train.cpu, fail before any process
+    group or model exists."""
+    with pytest.raises(ConfigError, match="model.quantization=4bit on CPU"):
+        load_config(ROOT / "configs" / "qwen2.5-14b-qlora.yaml", device="cpu")
+    assert load_config(ROOT / "configs" / "qwen2.5-14b-qlora.yaml", ["eval.every=0", "eval.at_start=false"],
+                       device="cpu").model.quantization == "4bit"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="2 processes were launched on CPU; set train.cpu=true"):
+        load_config(ROOT / "configs" / "tiny.yaml", device="cpu")
+    assert load_config(ROOT / "configs" / "tiny.yaml", ["train.cpu=true", "train.fsdp=true", "train.optimizer=adamw"],
+                       device="cpu").train.fsdp

@@ -84,20 +84,19 @@ def test_accelerate_configs_load(name, kind):
     assert load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml")).distributed_type == kind
 
 
-def test_an_fsdp_launch_selects_the_sharded_path():
-    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` gives Accelerate's FSDP type (GPU only): the loop
-    shards, and the config is checked again as if train.fsdp=true had been given."""
-    from accelerate.utils import DistributedType
-
+def test_an_fsdp_launch_selects_the_sharded_path(monkeypatch):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` sets ACCELERATE_USE_FSDP, Accelerate's FSDP type
+    on GPUs: the config says train.fsdp=true from the start and is validated as such (Accelerate ignores it on CPU)."""
     from poetry.config import ConfigError, load_config
-    from poetry.distributed import Parallel
 
-    launched = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=4)
-    assert Parallel(launched, load_config(ROOT / "configs" / "tiny.yaml")).fsdp
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert load_config(ROOT / "configs" / "tiny.yaml", device="cuda").train.fsdp
     with pytest.raises(ConfigError, match="train.fsdp: train.optimizer=paged_adamw_8bit"):
-        Parallel(launched, load_config(ROOT / "configs" / "qwen2.5-7b-lora.yaml"))
-    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=4)
-    assert not Parallel(ddp, load_config(ROOT / "configs" / "qwen2.5-7b-lora.yaml")).fsdp
+        load_config(ROOT / "configs" / "qwen2.5-7b-lora.yaml", device="cuda")
+    assert not load_config(ROOT / "configs" / "tiny.yaml", ["train.cpu=true"], device="cpu").train.fsdp
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert not load_config(ROOT / "configs" / "qwen2.5-7b-lora.yaml", device="cuda").train.fsdp
 
 
 def test_fsdp_fp16_skips_an_overflow_on_every_rank(tiny_model_dir, few_poems, tmp_path):
@@ -140,14 +139,15 @@ train.train(load_config({str(ROOT / 'configs' / 'tiny.yaml')!r}, [
     assert all(torch.isfinite(value).all() for value in final_adapter(tmp_path / "run").values())
 
 
-def test_a_decoder_without_layers_cannot_be_sharded():
-    from accelerate.utils import DistributedType
+def test_a_decoder_without_layers_cannot_be_sharded(monkeypatch):
     from torch import nn
 
     from poetry.config import ConfigError, load_config
     from poetry.distributed import Parallel
 
-    parallel = Parallel(SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2),
-                        load_config(ROOT / "configs" / "tiny.yaml"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    parallel = Parallel(SimpleNamespace(num_processes=2), load_config(ROOT / "configs" / "tiny.yaml",
+                                                                      ["train.fsdp=true", "train.optimizer=adamw"],
+                                                                      device="cuda"))
     with pytest.raises(ConfigError, match="keeps no decoder layers in `.layers`"):
         parallel.wrap(SimpleNamespace(decoder=nn.Sequential(nn.Linear(2, 2))))

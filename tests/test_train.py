@@ -1,4 +1,5 @@
 """train.py end to end on a tiny Qwen3: the loop's promises, each checked on real runs."""
+import dataclasses
 import json
 import math
 import os
@@ -362,3 +363,56 @@ def test_explicit_bf16_trains_fp32_adapters_and_warns_where_it_is_slow(tiny_mode
     assert any(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
     losses = [m["train/loss"] for m in metrics(tmp_path) if "train/loss" in m]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_every_checkpoint_is_saved_once(tiny_model_dir, few_poems, tmp_path, monkeypatch):
+    """When total_steps is a multiple of save_every, the old loop saved the last step twice (in the loop and after
+    it); evaluation and saving now happen in one place."""
+    saved, save_checkpoint = [], train_script.checkpoint.save_checkpoint
+
+    def counting(root, step, *args, **kwargs):
+        saved.append(step)
+        return save_checkpoint(root, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_script.checkpoint, "save_checkpoint", counting)
+    train_script.train(config(tiny_model_dir, few_poems, tmp_path, "train.max_steps=4", "train.save_every=2",
+                              "eval.every=2", "data.val_fraction=0.3", "train.keep_last=5"))
+    assert saved == [2, 4]
+    assert [m["step"] for m in metrics(tmp_path) if "val/loss" in m] == [2, 4]
+
+
+def test_memory_snapshot_records_the_first_steps_of_a_resumed_session(tiny_model_dir, few_poems, tmp_path,
+                                                                      monkeypatch):
+    """--profile-memory records SNAPSHOT_STEPS steps from where the session starts; after a resume the old loop
+    compared the global step with 3, never matched, and recorded the whole session."""
+    common = ("train.max_steps=8", "train.save_every=4", "eval.every=0", "data.val_fraction=0", "train.keep_last=5")
+    train_script.train(config(tiny_model_dir, few_poems, tmp_path, *common))
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000008")
+    stopped_after = []
+
+    class Recorder:
+        def __init__(self, path, enabled):
+            self.active = enabled
+
+        def start(self):
+            pass
+
+        def stop(self):
+            if self.active:
+                stopped_after.append(metrics(tmp_path)[-1]["step"])
+                self.active = False
+
+    monkeypatch.setattr(train_script.memory, "CudaSnapshot", Recorder)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_script.train(config(tiny_model_dir, few_poems, tmp_path, *common, "train.resume=auto",
+                              "train.profile_memory=true"))
+    assert stopped_after == [4 + train_script.SNAPSHOT_STEPS]
+
+
+def test_train_state_round_trips_every_counter():
+    state = train_script.TrainState(step=7, micro_step=13, epoch=2, skipped=1)
+    restored = train_script.TrainState()
+    restored.load_state_dict(state.state_dict())
+    assert restored == state and set(state.state_dict()) == {f.name for f in dataclasses.fields(state)}
