@@ -76,7 +76,5 @@ def add_lora(model, cfg: LoraConfig):
 
 
 def trainable_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights are counted by elements, not by packed bytes."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() * (2 if getattr(p, "quant_type", None) else 1) for p in model.parameters())
-    return trainable, total
+    """(trainable, total) parameter counts of a PeftModel; PEFT counts 4-bit weights by elements, not packed bytes."""
+    return model.get_nb_trainable_parameters()

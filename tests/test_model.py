@@ -89,6 +89,15 @@ def test_adapters_stay_fp32_over_a_half_precision_base(tiny_dirs):
     assert n_trainable == sum(p.numel() for p in trainable) < n_total
 
 
+def test_a_4bit_base_counts_as_many_parameters_as_a_plain_one(tiny_dirs):
+    """bitsandbytes packs two 4-bit weights into each byte of a Params4bit: counts are of weights, not of bytes."""
+    plain, four_bit = (add_lora(load_model(ModelConfig(path=str(tiny_dirs["qwen3"]), dtype="bf16", quantization=q)),
+                                LoraConfig()) for q in ("none", "4bit"))
+    assert trainable_parameters(plain) == (sum(p.numel() for p in plain.parameters() if p.requires_grad),
+                                           sum(p.numel() for p in plain.parameters()))
+    assert trainable_parameters(four_bit) == trainable_parameters(plain)
+
+
 def test_lora_targets_all_linear_layers_by_default(tiny_dirs):
     model = lora_model(tiny_dirs["qwen3"])
     wrapped = {name.split(".")[-2] for name, _ in model.named_parameters() if "lora_A" in name}
