@@ -38,7 +38,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def lr_lambda(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine or linear decay to min_ratio at `total` (held there after)."""
+    """Linear warmup to 1, then cosine or linear decay to min_ratio at `total` (held there after).
+
+    Not transformers' get_*_schedule_with_warmup: those spend the first optimizer step at lr 0, decay linear to 0
+    whatever min_ratio, and raise the cosine again past `total` (tests/test_model.py compares them step by step)."""
     if step < warmup:
         return (step + 1) / warmup
     if kind == "constant":

@@ -10,7 +10,7 @@ from poetry.loss import TargetOnlyLoss, full_logits_loss
 from poetry.memory import Shape, estimate
 from poetry.model import add_lora, load_model, trainable_parameters
 from poetry.models.tiny import ARCHITECTURES, build_tiny
-from poetry.optim import build_optimizer, lr_lambda, parameter_groups
+from poetry.optim import build_optimizer, build_scheduler, lr_lambda, parameter_groups
 from poetry.prompt import IGNORE_INDEX
 
 
@@ -130,6 +130,44 @@ def test_schedule_warmup_then_decay_to_floor():
     assert math.isclose(values[20], 0.1) and math.isclose(values[24], 0.1)
     assert math.isclose(lr_lambda(12, 4, 20, "linear", 0.0), 0.5)
     assert lr_lambda(15, 4, 20, "constant", 0.1) == 1.0
+
+
+def lr_per_step(make_scheduler, steps: int) -> list[float]:
+    """The lr each of `steps` optimizer steps runs with (lr 1, so the schedule's factor)."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler, rates = make_scheduler(optimizer), []
+    for _ in range(steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedule_against_transformers(kind):
+    """Why build_scheduler keeps its own lambda: transformers' schedules run the first optimizer step at lr 0
+    (warmup step/W, ours (step+1)/W), its linear decay ends at 0 whatever min_lr_ratio, and its cosine rises again
+    after the last step. Past warmup its cosine and constant are ours exactly."""
+    import transformers
+
+    total, warmup, floor = 20, 4, 0.1
+    library = {"cosine": lambda opt: transformers.get_cosine_with_min_lr_schedule_with_warmup(
+                   opt, warmup, total, min_lr_rate=floor),
+               "linear": lambda opt: transformers.get_linear_schedule_with_warmup(opt, warmup, total),
+               "constant": lambda opt: transformers.get_constant_schedule_with_warmup(opt, warmup)}[kind]
+    cfg = TrainConfig(scheduler=kind, warmup_steps=warmup, min_lr_ratio=floor)
+    ours = lr_per_step(lambda opt: build_scheduler(opt, cfg, total), total + 3)
+    theirs = lr_per_step(library, total + 3)
+    assert theirs[0] == 0.0 and ours[:warmup] == theirs[1:warmup + 1]  # one step ahead, none spent at lr 0
+    decay = range(warmup, total + 1)
+    if kind == "linear":
+        assert all(math.isclose(ours[s], floor + (1 - floor) * theirs[s]) for s in decay)
+        assert theirs[total] == 0.0 and math.isclose(ours[total], floor)
+    else:
+        assert all(math.isclose(ours[s], theirs[s], rel_tol=1e-12) for s in decay)
+    assert ours[total:] == [ours[total]] * 3  # held at the floor if a run steps past its total
+    if kind == "cosine":
+        assert theirs[total + 2] > theirs[total]
 
 
 def qwen25_7b_shape():
