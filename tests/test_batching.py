@@ -1,6 +1,7 @@
 """Length-bucketed sampler and collator invariants."""
 import pytest
 import torch
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
 from poetry.batching import Collator, LengthBucketBatchSampler, target_tokens
 from poetry.prompt import IGNORE_INDEX
@@ -88,3 +89,44 @@ def test_collator_pads_dynamically_to_a_multiple():
 def test_collator_keeps_exact_multiple():
     batch = Collator(pad_token_id=0, pad_to_multiple_of=4)({"input_ids": [[1] * 8], "labels": [[1] * 8]})
     assert batch["input_ids"].shape == (1, 8) and torch.equal(batch["attention_mask"], torch.ones(1, 8).long())
+
+
+@pytest.fixture(scope="module")
+def epoch(tokenizer, few_poems):
+    """One epoch of tokenised training questions of the tiny model: columns input_ids, labels, length."""
+    from poetry.config import DataConfig
+    from poetry.dataset import TaskData
+    from poetry.prompt import PromptFormat
+
+    return TaskData(DataConfig(train=str(few_poems), val_fraction=0), PromptFormat(tokenizer), seed=0).train_epoch(0)
+
+
+def as_rows(columns: dict) -> list[dict]:
+    """`dataset[indices]` columns as the list of examples transformers' collators take."""
+    return [{"input_ids": ids, "labels": labels} for ids, labels in zip(columns["input_ids"], columns["labels"])]
+
+
+def library_collator(tokenizer):
+    return DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX)
+
+
+def test_collator_equals_transformers_on_a_right_padding_tokenizer(tokenizer, epoch):
+    """With Qwen's tokenizer (padding_side right) DataCollatorForSeq2Seq gives the same tensors, dtypes included."""
+    columns = epoch[[0, 3, 5, 7]]
+    ours, theirs = Collator(tokenizer.pad_token_id)(columns), library_collator(tokenizer)(as_rows(columns))
+    assert tokenizer.padding_side == "right" and ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) and ours[key].dtype == theirs[key].dtype for key in ours)
+
+
+def test_transformers_collator_pads_on_the_tokenizers_side(tiny_model_dir, epoch):
+    """Why Collator stays: transformers' collator pads on the tokenizer's side, left for Gemma's and Llama's
+    tokenizers (Gemma-3-270M's included), and it passes the sampler's `length` column on into the batch, where
+    the loss would reject it; ours right-pads whatever the tokenizer and takes `dataset[indices]` as it is."""
+    left = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    columns = epoch[[0, 3, 5, 7]]
+    ours, theirs = Collator(left.pad_token_id)(columns), library_collator(left)(as_rows(columns))
+    shorter = ours["attention_mask"].sum(1) < ours["attention_mask"].size(1)
+    assert shorter.any()
+    assert (ours["attention_mask"][:, 0] == 1).all() and (theirs["attention_mask"][shorter, 0] == 0).all()
+    assert torch.equal(ours["attention_mask"].sum(1), theirs["attention_mask"].sum(1))
+    assert "length" in library_collator(left)([epoch[i] for i in range(4)])
