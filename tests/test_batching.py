@@ -103,7 +103,8 @@ def epoch(tokenizer, few_poems):
 
 def as_rows(columns: dict) -> list[dict]:
     """`dataset[indices]` columns as the list of examples transformers' collators take."""
-    return [{"input_ids": ids, "labels": labels} for ids, labels in zip(columns["input_ids"], columns["labels"])]
+    pairs = zip(columns["input_ids"], columns["labels"], strict=True)
+    return [{"input_ids": ids, "labels": labels} for ids, labels in pairs]
 
 
 def library_collator(tokenizer):
