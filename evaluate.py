@@ -48,12 +48,6 @@ from poetry.data import DataError, check_submission, load_answers  # noqa: E402
 from poetry.metrics import BertScore, MetricUnavailable, Scores, score_answers  # noqa: E402
 
 
-def _error_line(err: DataError) -> str:
-    # The first problem, named by file, record and field, is enough to act on; the rest would flood the terminal
-    more = len(err.issues) - 1
-    return f"error: {err.issues[0]}" + (f" (and {more} more problems)" if more else "")
-
-
 def _bertscore(model_dir: str | None, layer: int) -> tuple[BertScore | None, str]:
     if model_dir is None:
         return None, "no --bertscore-model given"
@@ -105,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, pred in zip(labels, args.pred):
             check_submission(gold, predictions[label], pred)
     except DataError as err:
-        print(_error_line(err), file=sys.stderr)
+        print(f"error: {err.one_line()}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)

@@ -232,9 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(args)
     except DataError as err:
-        # The first problem, named by file, record and field, is enough to act on
-        more = len(err.issues) - 1
-        return _error(f"{err.issues[0]}" + (f" (and {more} more problems)" if more else ""))
+        return _error(err.one_line())
     except OSError as err:  # FileNotFoundError included; library messages can span lines
         shown = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
         return _error(shown.strip().splitlines()[0] if shown.strip() else type(err).__name__)

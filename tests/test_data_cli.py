@@ -17,6 +17,13 @@ def test_stats_bad_file_is_an_error_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {bad}:record 0: expected an object, got an integer\n"
 
 
+def test_stats_many_problems_stay_on_one_line(tmp_path, capsys):
+    bad = tmp_path / "train.json"
+    bad.write_text("[{}]", encoding="utf-8")
+    assert main(["stats", str(bad)]) == 2
+    assert capsys.readouterr().err == f"error: {bad}:record 0: field 'title': missing field (and 4 more problems)\n"
+
+
 def test_export_val_writes_held_out_questions_with_gold(tmp_path, capsys):
     assert main(["export-val", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path),
                  "data.val_fraction=0.3"]) == 0

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"stats": stats, "export-val": export_val}[args.command](args, console)
     except (DataError, ConfigError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err.one_line() if isinstance(err, DataError) else err}", file=sys.stderr)
         return 2
     return 0
 

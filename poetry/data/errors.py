@@ -36,6 +36,12 @@ class DataError(Exception):
             lines.append(f"... and {len(self.issues) - self.MAX_LISTED} more problems")
         super().__init__("\n".join(lines))
 
+    def one_line(self) -> str:
+        """The first problem, which names file, record and field and is enough to act on, and how many more: a CLI's
+        `error:` line, where the full list would flood the terminal."""
+        more = len(self.issues) - 1
+        return f"{self.issues[0]}" + (f" (and {more} more problems)" if more else "")
+
 
 @dataclass
 class Loaded:
