@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -38,8 +37,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 if __name__ == "__main__":
     _parse(sys.argv[1:])  # --help and usage errors answer here, before nltk and numpy load (~1 s)
 
-# Before transformers is imported: its weight-loading bar would put carriage returns into logs
-os.environ.setdefault("TQDM_DISABLE", "1")
+from poetry.quiet import quiet_progress_bars  # noqa: E402
+
+quiet_progress_bars()  # before transformers is imported: its weight-loading bar would put carriage returns into logs
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402

@@ -22,7 +22,6 @@ avx512_bf16/amx_bf16), else fp16 on a GPU and fp32 on a CPU: bf16 on a CPU witho
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -106,9 +105,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 if __name__ == "__main__":
     _parse(sys.argv[1:])  # --help and usage errors answer here, before torch loads (~5 s)
 
-# Before transformers is imported: its bars would put carriage returns into logs
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+from poetry.quiet import quiet_progress_bars  # noqa: E402
+
+quiet_progress_bars()  # before transformers is imported: its bars would put carriage returns into logs
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
 

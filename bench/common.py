@@ -9,9 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from poetry.config import LoraConfig, ModelConfig
-from poetry.logger import quiet_libraries
 from poetry.model import add_lora, load_model, load_tokenizer
 from poetry.models import resolve_model_path
+from poetry.quiet import quiet_libraries
 
 
 def lora_model(path: str, for_training: bool = True):

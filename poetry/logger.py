@@ -8,9 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
-import warnings
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .atomic import atomic_write_text
 from .config import Config, ConfigError, LogConfig, save_config
+from .quiet import quiet_libraries as quiet_libraries  # re-exported: train.py calls logger.quiet_libraries
 
 TRACKER_PROJECT = "poetry-sft"  # the wandb/swanlab project; tensorboard events go to <run dir>/poetry-sft/
 
@@ -29,20 +28,6 @@ CURVES = {  # file -> metric prefixes drawn in it
     "val.png": ("val/acc", "val/bleu_words", "val/bleu_sents", "val/bertscore_words", "val/bertscore_sents",
                 "val/proxy_total", "val/total"),
 }
-
-
-def quiet_libraries() -> None:
-    """tqdm bars from transformers/datasets write carriage returns into logs; the run's own console replaces them."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # PEFT still calls transformers' v4 names (is_gradient_checkpointing): nothing a user can act on
-    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def tracker_for(cfg: LogConfig) -> str | None:

