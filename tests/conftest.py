@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from poetry.quiet import quiet_progress_bars
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+quiet_progress_bars()
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = ROOT.parent / "shared" / "data" / "ccpa2025" / "train-data"
