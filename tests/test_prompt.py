@@ -10,7 +10,7 @@ QUESTION = Question(idx=0, title="送别", author="王维", content="山中相�
 ANSWER = Answer(idx=0, ans_qa_words={"柴扉": "柴门。", "王孙": "贵族子弟，这里指友人。"},
                 ans_qa_sents={"山中相送罢，日暮掩柴扉。": "在山中送走了友人，黄昏时关上柴门。",
                               "春草明年绿, 王孙归不归？": "明年春草再绿时，友人能否回来？"}, choose_id="A")
-EXAMPLE = Example(QUESTION, ANSWER, "k")
+EXAMPLE = Example(QUESTION, ANSWER)
 
 
 def test_target_is_canonical_json_in_input_order():
@@ -66,7 +66,7 @@ def test_plain_template_without_chat_template(tokenizer):
 
 def test_overlong_examples_are_dropped_not_cut(tokenizer):
     fmt = PromptFormat(tokenizer)
-    short = Example(Question(1, "t", "c", ("c",), (), {}), Answer(1, {"c": "x"}, {}, None), "s")
+    short = Example(Question(1, "t", "c", ("c",), (), {}), Answer(1, {"c": "x"}, {}, None))
     limit = fmt.encode(short)["length"]
     assert fmt.encode(EXAMPLE)["length"] > limit
     dataset, dropped = tokenize_examples([EXAMPLE, short, EXAMPLE], fmt, max_len=limit)

@@ -111,7 +111,7 @@ class QuestionBuilder:
                                 qa_words=tuple(w for w, _ in words), qa_sents=tuple(s for s, _ in sents),
                                 choose=options)
             answer = Answer(idx=len(examples), ans_qa_words=dict(words), ans_qa_sents=dict(sents), choose_id=letter)
-            examples.append(Example(question, answer, poem.key))
+            examples.append(Example(question, answer))
         return examples
 
     def epoch(self, epoch: int) -> list[Example]:

@@ -65,4 +65,3 @@ class Example:
 
     question: Question
     answer: Answer
-    poem_key: str
