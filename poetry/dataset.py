@@ -26,11 +26,15 @@ class TaskData:
                                                           f"(data.val_fraction={cfg.val_fraction})")])
         self.builder = QuestionBuilder(self.train_poems, seed=seed, max_items=cfg.max_items)
         self._epochs: dict = {}
+        self.dropped_train: dict[int, int] = {}  # epoch -> its questions longer than data.max_len, once tokenised
 
     def train_epoch(self, epoch: int):
-        """Tokenised training examples of `epoch` (columns input_ids, labels, length)."""
+        """Tokenised training examples of `epoch` (columns input_ids, labels, length), without those longer than
+        data.max_len (counted in dropped_train[epoch])."""
         if epoch not in self._epochs:
-            self._epochs = {epoch: tokenize_examples(self.builder.epoch(epoch), self.fmt, self.cfg.max_len)[0]}
+            examples = self.builder.epoch(epoch)
+            self._epochs = {epoch: tokenize_examples(examples, self.fmt, self.cfg.max_len)}
+            self.dropped_train[epoch] = len(examples) - len(self._epochs[epoch])
         return self._epochs[epoch]
 
     @cached_property
@@ -39,4 +43,9 @@ class TaskData:
 
     @cached_property
     def val_dataset(self):
-        return tokenize_examples(self.val_examples, self.fmt, self.cfg.max_len)[0] if self.val_examples else None
+        return tokenize_examples(self.val_examples, self.fmt, self.cfg.max_len) if self.val_examples else None
+
+    @property
+    def dropped_val(self) -> int:
+        """Validation questions longer than data.max_len, left out of val_dataset (tokenised by asking)."""
+        return len(self.val_examples) - (len(self.val_dataset) if self.val_dataset is not None else 0)

@@ -134,8 +134,8 @@ class PromptFormat:
 def tokenize_examples(examples: list[Example], fmt: PromptFormat, max_len: int):
     """Tokenise once with `datasets.map`; keep `length` for the length-bucketing sampler.
 
-    Examples longer than max_len are dropped, never truncated (a cut target teaches a half answer), and counted.
-    Returns (dataset, number dropped).
+    Examples longer than max_len are dropped, never truncated (a cut target teaches a half answer): the dataset
+    is `len(examples) - len(dataset)` rows short of the examples.
     """
     import datasets
 
@@ -145,8 +145,7 @@ def tokenize_examples(examples: list[Example], fmt: PromptFormat, max_len: int):
         lambda row: fmt.encode(examples[row["example"]]), remove_columns=["example"],
         new_fingerprint=f"{fingerprint[:16]}-{type(fmt.tokenizer).__name__}", desc="tokenizing")
     kept = encoded.filter(lambda row: row["length"] <= max_len, new_fingerprint=f"{fingerprint[:16]}-{max_len}")
-    dropped = len(encoded) - len(kept)
-    if dropped:
+    if len(kept) < len(encoded):
         log.warning("dropped %d of %d examples longer than data.max_len=%d tokens (targets are never cut)",
-                    dropped, len(encoded), max_len)
-    return kept, dropped
+                    len(encoded) - len(kept), len(encoded), max_len)
+    return kept
