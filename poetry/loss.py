@@ -45,7 +45,8 @@ class TargetOnlyLoss(nn.Module):
 
 
 def full_logits_loss(model: nn.Module, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference: the model's own full logits, summed over target tokens (used by tests and validation)."""
+    """The reference: the model's own full logits, summed over target tokens. Tests check TargetOnlyLoss against it
+    and bench/loss.py times both; training and validation use TargetOnlyLoss."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     targets = labels[:, 1:]
     loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum",
