@@ -3,8 +3,9 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
 from poetry.quiet import QUIET_ENVIRONMENT
+
+from conftest import ROOT
 
 BARS_OFF = """
 import datasets, transformers
