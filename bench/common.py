@@ -1,17 +1,38 @@
-"""What the benchmarks share: a LoRA model from a config-style path, interleaved timing, the side-by-side table."""
+"""What the benchmarks share: a LoRA model from a config-style path, the `--dtype` option, a training batch from the
+sample data, interleaved timing, the side-by-side table, and the machine a result was measured on."""
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import re
 import statistics
+import sys
 import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
 from typing import Callable
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
-from poetry.config import LoraConfig, ModelConfig
+from poetry.batching import Collator
+from poetry.config import DataConfig, LoraConfig, ModelConfig
+from poetry.dataset import TaskData
 from poetry.model import add_lora, load_model, load_tokenizer
 from poetry.models import resolve_model_path
+from poetry.precision import Choice, choose, cpu_flags, cpu_native_bf16
+from poetry.prompt import PromptFormat
 from poetry.quiet import quiet_libraries
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# the flags that decide which float formats are fast on an x86 CPU
+REPORTED_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+# rich wraps to 80 columns when stdout is a file or pipe, which cuts the model names off in saved benchmark output
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def lora_model(path: str, for_training: bool = True):
@@ -20,6 +41,28 @@ def lora_model(path: str, for_training: bool = True):
     path = resolve_model_path(path)
     return load_tokenizer(path), add_lora(load_model(ModelConfig(path=path, dtype="fp32"),
                                                      for_training=for_training), LoraConfig())
+
+
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="autocast dtype; auto: bf16 only where this CPU has native bf16 instructions")
+
+
+def autocast_dtype(requested: str) -> Choice:
+    """--dtype resolved for the CPU; a choice that runs far slower here than the other one is warned about at once."""
+    choice = choose(requested, "cpu", "--dtype")
+    if choice.warning:
+        print(f"warning: {choice.warning}", file=sys.stderr)
+    return choice
+
+
+def training_batch(tokenizer, data: str, batch_size: int, length_quantile: float) -> dict[str, torch.Tensor]:
+    """`batch_size` training examples of `data` (epoch 0), collated: the shortest of those at or above the
+    `length_quantile` of lengths, so a batch is typical of the data and barely padded."""
+    examples = TaskData(DataConfig(train=data, val_fraction=0.0), PromptFormat(tokenizer), seed=0).train_epoch(0)
+    by_length = sorted(range(len(examples)), key=lambda i: examples[i]["length"])
+    start = int(len(examples) * length_quantile)
+    return Collator(tokenizer.pad_token_id)(examples[by_length[start:start + batch_size]])
 
 
 def interleaved(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -45,4 +88,41 @@ def side_by_side(title: str, times: dict[str, list[float]], note: str = "") -> N
     for name, seconds in times.items():
         median = statistics.median(seconds)
         table.add_row(name, f"{median:.3f}", f"{min(seconds):.3f}-{max(seconds):.3f}", f"{baseline / median:.2f}x")
-    Console().print(table)
+    console.print(table)
+
+
+def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def machine() -> dict:
+    """What a benchmark's numbers depend on; call it after setting the thread count."""
+    native, detail = cpu_native_bf16()
+    flags = cpu_flags()
+    return {"cpu": cpu_model_name(), "cpu_flags": [flag for flag in REPORTED_CPU_FLAGS if flag in flags],
+            "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "native_bf16": native, "native_bf16_detail": detail,
+            # other jobs on the cores skew the timings, multi-threaded ones most: 1, 5 and 15 minute averages
+            "load_average": [round(load, 2) for load in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": version("transformers"), "peft": version("peft")},
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_results(name: str, results: dict, results_dir: Path = RESULTS_DIR) -> Path:
+    """`results` with machine() as `results_dir`/NAME-CPU-DATE.json (CPU slugged from its model name); a later run
+    on the same CPU and day replaces the earlier one."""
+    host = machine()
+    cpu_slug = re.sub(r"[^a-z0-9]+", "-", host["cpu"].lower()).strip("-")
+    path = Path(results_dir) / f"{name}-{cpu_slug}-{host['date'][:10]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": name, "machine": host, **results}, indent=2) + "\n", encoding="utf-8")
+    return path

@@ -2,6 +2,7 @@
 sequence re-run for every token), side by side in one run, with their answers compared.
 
     python bench/decode.py [--model builtin:gemma-3-270m] [--questions data/sample/eval.json] [--max-new-tokens 8]
+        [--dtype auto|fp32|bf16]
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleaved, lora_model, side_by_side  # noqa: E402
+from bench.common import add_dtype_option, autocast_dtype, interleaved, lora_model, side_by_side  # noqa: E402
 from poetry.data import load_questions  # noqa: E402
 from poetry.decode import decode_constrained, decode_naive  # noqa: E402
 from poetry.prompt import PromptFormat  # noqa: E402
@@ -26,8 +27,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8, help="per-value budget")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="autocast dtype")
+    add_dtype_option(parser)
     args = parser.parse_args()
+    dtype = autocast_dtype(args.dtype)
 
     tokenizer, model = lora_model(args.model, for_training=False)
     fmt = PromptFormat(tokenizer)
@@ -36,7 +38,7 @@ def main() -> None:
 
     def run(name: str, decode):
         def call():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype.value == "bf16"):
                 answers[name] = [d.answer for d in decode()]
         return call
 
@@ -46,9 +48,10 @@ def main() -> None:
             model, fmt, questions, args.batch_size, args.max_new_tokens))}, args.repeats)
     same = sum(a == b for a, b in zip(answers["naive"], answers["batched"]))
     side_by_side(f"constrained decoding, {args.model}: {len(questions)} questions, value budget "
-                 f"{args.max_new_tokens} tokens, autocast {args.dtype}, {torch.get_num_threads()} threads", times,
+                 f"{args.max_new_tokens} tokens, autocast {dtype.value}, {torch.get_num_threads()} threads", times,
                  note=f"identical answers: {same} of {len(questions)} (expected all in fp32; bf16 rounds a "
-                      f"batch differently from one sequence, which can flip near-ties)")
+                      f"batch differently from one sequence, which can flip near-ties)\n"
+                      f"autocast {dtype.value}: {dtype.reason}")
 
 
 if __name__ == "__main__":

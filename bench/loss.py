@@ -2,6 +2,7 @@
 prompts, side by side in one run, and the two losses compared.
 
     python bench/loss.py [--model builtin:gemma-3-270m] [--data data/sample/train-data] [--batch-size 4]
+        [--dtype auto|fp32|bf16]
 
 Prompts are masked, so the full logits spend most of lm_head (262k rows on Gemma, 152k on Qwen) on positions whose
 loss is thrown away; the target-only loss gathers the answer positions first.
@@ -15,12 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleaved, lora_model, side_by_side  # noqa: E402
-from poetry.batching import Collator, target_tokens  # noqa: E402
-from poetry.config import DataConfig  # noqa: E402
-from poetry.dataset import TaskData  # noqa: E402
+from bench.common import (add_dtype_option, autocast_dtype, interleaved, lora_model, side_by_side,  # noqa: E402
+                          training_batch)
+from poetry.batching import target_tokens  # noqa: E402
 from poetry.loss import TargetOnlyLoss, full_logits_loss  # noqa: E402
-from poetry.prompt import PromptFormat  # noqa: E402
 
 
 def main() -> None:
@@ -29,21 +28,19 @@ def main() -> None:
     parser.add_argument("--data", default="data/sample/train-data")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="autocast dtype")
+    add_dtype_option(parser)
     args = parser.parse_args()
+    dtype = autocast_dtype(args.dtype)
 
     tokenizer, model = lora_model(args.model)
-    data = TaskData(DataConfig(train=args.data, val_fraction=0.0), PromptFormat(tokenizer), seed=0)
-    examples = data.train_epoch(0)
-    middle = sorted(range(len(examples)), key=lambda i: examples[i]["length"])[len(examples) // 2:]
-    batch = Collator(tokenizer.pad_token_id)(examples[middle[:args.batch_size]])
+    batch = training_batch(tokenizer, args.data, args.batch_size, length_quantile=0.5)
     target_only = TargetOnlyLoss(model)
     losses = {}
 
     def step(name: str, loss_fn):
         def run():
             model.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype.value == "bf16"):
                 loss_sum, n_targets = loss_fn(**batch)
             (loss_sum / n_targets).backward()
             losses[name] = (loss_sum / n_targets).item()
@@ -53,8 +50,9 @@ def main() -> None:
                          "target-only logits": step("target", target_only)}, args.repeats)
     tokens = batch["attention_mask"].sum().item()
     side_by_side(f"one micro-step, {args.model}: {args.batch_size} sequences, {tokens} tokens, "
-                 f"{target_tokens(batch)} targets, autocast {args.dtype}, {torch.get_num_threads()} threads", times,
-                 note=f"loss: full {losses['full']:.6f}, target-only {losses['target']:.6f}")
+                 f"{target_tokens(batch)} targets, autocast {dtype.value}, {torch.get_num_threads()} threads", times,
+                 note=f"loss: full {losses['full']:.6f}, target-only {losses['target']:.6f}\n"
+                      f"autocast {dtype.value}: {dtype.reason}")
 
 
 if __name__ == "__main__":
