@@ -14,7 +14,7 @@ RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 endif
 DEMO_FLAGS ?=
 
-.PHONY: install install-demo test test-slow demo clean
+.PHONY: install install-demo lint test test-slow demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,11 @@ $(VENV)/.installed-demo: setup.cfg pyproject.toml $(VENV)/.installed
 install: $(VENV)/.installed
 install-demo: $(VENV)/.installed-demo
 
-test: install
+# pyflakes, pycodestyle at 120 columns, isort and bugbear (pyproject.toml [tool.ruff])
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-slow: install-demo
@@ -48,7 +52,7 @@ test-slow: install-demo
 # The fine-tuned column uses the final adapter, not the best one: the best is chosen on these same held-out poems.
 demo: install-demo
 	@set -e; \
-	gemma=$$($(BIN)/python -m poetry.models.gemma270m); \
+	gemma=$$($(BIN)/python -m poetry.builtin.gemma270m); \
 	$(BIN)/python train.py --config configs/demo.yaml log.dir=$(RUN) data.train=$(DATA) $(DEMO_FLAGS); \
 	$(BIN)/python -m poetry.data export-val --config $(RUN)/config.yaml --out $(RUN)/heldout; \
 	$(BIN)/python infer.py --model $$gemma --input $(RUN)/heldout/questions.json --output $(RUN)/zero_shot.json \

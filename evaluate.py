@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         gold = load_answers(args.gold)
-        predictions = {label: load_answers(pred) for label, pred in zip(labels, args.pred)}
-        for label, pred in zip(labels, args.pred):
+        predictions = {label: load_answers(pred) for label, pred in zip(labels, args.pred, strict=True)}
+        for label, pred in zip(labels, args.pred, strict=True):
             check_submission(gold, predictions[label], pred)
     except DataError as err:
         print(f"error: {err.one_line()}", file=sys.stderr)

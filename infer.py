@@ -111,12 +111,12 @@ quiet_progress_bars()  # before transformers is imported: its bars would put car
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
 
+from poetry.builtin import resolve_model_path  # noqa: E402
 from poetry.checkpoint import resolve_adapter  # noqa: E402
 from poetry.config import ModelConfig  # noqa: E402
 from poetry.data import DataError, check_submission, load_questions, write_submission  # noqa: E402
 from poetry.decode import UnsupportedTokenizer, chat, decode_constrained, decode_free  # noqa: E402
 from poetry.model import load_model, load_tokenizer  # noqa: E402
-from poetry.models import resolve_model_path  # noqa: E402
 from poetry.precision import choose, default_device  # noqa: E402
 from poetry.prompt import PromptFormat  # noqa: E402
 

@@ -42,17 +42,17 @@ import torch  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
 
-from poetry import batching, checkpoint, logger, memory, optim  # noqa: E402
+from poetry import checkpoint, feed, memory, optim, profiling, runlog  # noqa: E402
+from poetry.builtin import resolve_model_path  # noqa: E402
 from poetry.config import Config, ConfigError, check_inputs, load_config  # noqa: E402
 from poetry.data import DataError  # noqa: E402
-from poetry.dataset import TaskData  # noqa: E402
-from poetry.distributed import Parallel  # noqa: E402
-from poetry.evaluation import Evaluator  # noqa: E402
 from poetry.loss import TargetOnlyLoss  # noqa: E402
 from poetry.model import add_lora, load_model, load_tokenizer, trainable_parameters  # noqa: E402
-from poetry.models import resolve_model_path  # noqa: E402
+from poetry.parallel import Parallel  # noqa: E402
 from poetry.precision import DTYPES  # noqa: E402
 from poetry.prompt import PromptFormat  # noqa: E402
+from poetry.quiet import quiet_libraries  # noqa: E402
+from poetry.validation import Validator  # noqa: E402
 
 SNAPSHOT_STEPS = 3  # optimizer steps recorded by --profile-memory, counted from this session's first
 SAVES_PER_RUN = 10  # train.save_every=0: a checkpoint every ~10% of the run, so a crash loses at most that
@@ -102,17 +102,17 @@ class Run:
     cfg: Config
     accelerator: Accelerator
     parallel: Parallel  # DDP or FSDP2 behind one interface
-    log: logger.RunLog
+    log: runlog.RunLog
     model: torch.nn.Module  # the PEFT model: owns the adapters, saves them, decodes
     loss_model: torch.nn.Module  # TargetOnlyLoss around `model`, wrapped by DDP/FSDP: what the loop calls
-    data: TaskData
-    sampler: batching.LengthBucketBatchSampler
-    collate: batching.Collator
+    data: feed.TaskData
+    sampler: feed.LengthBucketBatchSampler
+    collate: feed.Collator
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler  # a no-op unless fp16
-    evaluator: Evaluator
-    monitor: memory.MemoryMonitor
+    validator: Validator
+    monitor: profiling.MemoryMonitor
     checkpoints: Path
     total_steps: int
     save_every: int
@@ -127,18 +127,18 @@ def autocast(precision: str, device_type: str):
 
 # --- setup, by concern ---------------------------------------------------------------------------------------------
 
-def setup_processes(cfg: Config) -> tuple[Accelerator, logger.RunLog, Path | None]:
+def setup_processes(cfg: Config) -> tuple[Accelerator, runlog.RunLog, Path | None]:
     """The process group, the run directory the ranks agree on, the run log; and the checkpoint to resume, if any."""
-    tracker = logger.tracker_for(cfg.log)
+    tracker = runlog.tracker_for(cfg.log)
     PartialState(cpu=cfg.train.cpu)  # the process group first: rank 0's choice of run directory is broadcast
-    chosen = cfg.log.dir or checkpoint.run_dir_to_resume(cfg.train.resume) or logger.default_run_dir()
+    chosen = cfg.log.dir or checkpoint.run_dir_to_resume(cfg.train.resume) or runlog.default_run_dir()
     run_dir = Path(broadcast_object_list([str(chosen)])[0])
     accelerator = Accelerator(cpu=cfg.train.cpu, log_with=tracker, project_dir=run_dir)
     if tracker:
-        accelerator.init_trackers(logger.TRACKER_PROJECT, config=logger.flat_config(cfg),
+        accelerator.init_trackers(runlog.TRACKER_PROJECT, config=runlog.flat_config(cfg),
                                   init_kwargs={"wandb": {"name": run_dir.name}})
     resume = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")
-    log = logger.RunLog(cfg, run_dir, accelerator.is_main_process, accelerator if tracker else None,
+    log = runlog.RunLog(cfg, run_dir, accelerator.is_main_process, accelerator if tracker else None,
                         resumed_at=checkpoint.step_of(resume) if resume else None)
     sharing = "FSDP" if cfg.train.fsdp else "DDP" if accelerator.num_processes > 1 else "one process"
     log.print(f"run directory: {run_dir}   processes: {accelerator.num_processes} ({sharing})   "
@@ -155,7 +155,7 @@ def setup_processes(cfg: Config) -> tuple[Accelerator, logger.RunLog, Path | Non
     return accelerator, log, resume
 
 
-def setup_model(cfg: Config, accelerator: Accelerator, log: logger.RunLog):
+def setup_model(cfg: Config, accelerator: Accelerator, log: runlog.RunLog):
     """(tokenizer, PEFT model): a frozen base and fp32 LoRA adapters, on this process's device."""
     with accelerator.main_process_first():  # a builtin:NAME model is built once, by rank 0
         path = resolve_model_path(cfg.model.path)
@@ -169,20 +169,21 @@ def setup_model(cfg: Config, accelerator: Accelerator, log: logger.RunLog):
     return tokenizer, model
 
 
-def setup_data(cfg: Config, tokenizer, accelerator: Accelerator, log: logger.RunLog):
+def setup_data(cfg: Config, tokenizer, accelerator: Accelerator, log: runlog.RunLog):
     """(questions re-drawn per epoch, a length-bucketed sampler over this rank's share, a padding collator)."""
-    data = TaskData(cfg.data, PromptFormat(tokenizer, cfg.data.system_prompt), cfg.train.seed)
-    sampler = batching.LengthBucketBatchSampler(
+    data = feed.TaskData(cfg.data, PromptFormat(tokenizer, cfg.data.system_prompt), cfg.train.seed)
+    sampler = feed.LengthBucketBatchSampler(
         data.train_epoch(0)["length"], cfg.train.micro_batch_size, cfg.train.seed, cfg.train.bucket_multiplier,
         cfg.train.max_tokens_per_batch, accelerator.num_processes, accelerator.process_index)
     log.print(f"poems: {len(data.train_poems)} train, {len(data.val_poems)} validation; "
-              f"questions per epoch: {len(data.train_epoch(0))}; validation questions: {len(data.val_examples)}")
-    return data, sampler, batching.Collator(tokenizer.pad_token_id)
+              f"questions per epoch: {len(data.train_epoch(0))}; validation questions: {len(data.val_examples)}; "
+              f"longer than data.max_len, left out: {data.dropped_train[0]} train, {data.dropped_val} validation")
+    return data, sampler, feed.Collator(tokenizer.pad_token_id)
 
 
 def setup(cfg: Config) -> Run:
     check_inputs(cfg)  # a wrong path fails now, not after minutes of loading a model
-    logger.quiet_libraries()
+    quiet_libraries()
     accelerator, log, resume = setup_processes(cfg)
     set_seed(cfg.train.seed)  # the same LoRA init on every rank
     tokenizer, model = setup_model(cfg, accelerator, log)
@@ -199,8 +200,8 @@ def setup(cfg: Config) -> Run:
     run = Run(cfg, accelerator, parallel, log, model, loss_model, data, sampler, collate, optimizer,
               optim.build_scheduler(optimizer, cfg.train, total_steps),
               parallel.grad_scaler(accelerator.device.type, enabled=cfg.train.precision == "fp16"),
-              Evaluator(cfg.eval, data, data.fmt, collate, parallel, device_autocast, log.heartbeat),
-              memory.MemoryMonitor(accelerator.device), checkpoints=log.dir / "checkpoints", total_steps=total_steps,
+              Validator(cfg.eval, data, data.fmt, collate, parallel, device_autocast, log.heartbeat),
+              profiling.MemoryMonitor(accelerator.device), checkpoints=log.dir / "checkpoints", total_steps=total_steps,
               save_every=cfg.train.save_every or math.ceil(total_steps / SAVES_PER_RUN))
     if resume:
         restore(run, resume)
@@ -241,7 +242,7 @@ def accumulation_windows(run: Run):
 
 def fit(run: Run) -> None:
     cfg, state = run.cfg, run.state
-    snapshot = memory.CudaSnapshot(run.log.dir / "memory_snapshot.pickle", cfg.train.profile_memory)
+    snapshot = profiling.CudaSnapshot(run.log.dir / "memory_snapshot.pickle", cfg.train.profile_memory)
     snapshot.start()
     first_step = state.step
     run.log.start_progress(run.total_steps, state.step)
@@ -257,7 +258,7 @@ def fit(run: Run) -> None:
                    for indices in window]
         # normalise by the target tokens of the whole optimizer step on all ranks: a micro-batch with 3 answer
         # tokens must not weigh as much as one with 300 (a mean of micro-batch means would)
-        counts = torch.tensor([[batching.target_tokens(b), int(b["attention_mask"].sum()), b["input_ids"].numel()]
+        counts = torch.tensor([[feed.target_tokens(b), int(b["attention_mask"].sum()), b["input_ids"].numel()]
                                for b in batches], device=run.accelerator.device, dtype=torch.float64).sum(0)
         step_targets, tokens, padded_tokens = run.accelerator.reduce(counts).tolist()
         loss_total = torch.zeros((), device=run.accelerator.device)
@@ -317,9 +318,9 @@ def evaluate(run: Run) -> bool:
     """Log validation metrics; True when they make this step the best so far. Step 0, before any training, is a
     curve's starting point, never a checkpoint. Leaves the model in eval mode."""
     step, started = run.state.step, time.time()
-    run.log.print(f"{run.log.where(step)}  evaluating: {run.evaluator.describe()}")
+    run.log.print(f"{run.log.where(step)}  evaluating: {run.validator.describe()}")
     with run.monitor.phase("eval"):
-        metrics = run.evaluator.run(run.accelerator.unwrap_model(run.loss_model), run.model)
+        metrics = run.validator.run(run.accelerator.unwrap_model(run.loss_model), run.model)
     run.pace.eval_s += time.time() - started
     if not metrics:
         return False
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(parse_args(argv))
     except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err.one_line() if isinstance(err, DataError) else err}", file=sys.stderr)
         return 2
     return 0
 

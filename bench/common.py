@@ -19,11 +19,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from poetry.batching import Collator
+from poetry.builtin import resolve_model_path
 from poetry.config import DataConfig, LoraConfig, ModelConfig
-from poetry.dataset import TaskData
+from poetry.feed import Collator, TaskData
 from poetry.model import add_lora, load_model, load_tokenizer
-from poetry.models import resolve_model_path
 from poetry.precision import Choice, choose, cpu_flags, cpu_native_bf16
 from poetry.prompt import PromptFormat
 from poetry.quiet import quiet_libraries

@@ -46,7 +46,7 @@ def main() -> None:
         "naive (no cache)": run("naive", lambda: decode_naive(model, fmt, questions, args.max_new_tokens)),
         f"batched KV cache, batch {args.batch_size}": run("batched", lambda: decode_constrained(
             model, fmt, questions, args.batch_size, args.max_new_tokens))}, args.repeats)
-    same = sum(a == b for a, b in zip(answers["naive"], answers["batched"]))
+    same = sum(a == b for a, b in zip(answers["naive"], answers["batched"], strict=True))
     side_by_side(f"constrained decoding, {args.model}: {len(questions)} questions, value budget "
                  f"{args.max_new_tokens} tokens, autocast {dtype.value}, {torch.get_num_threads()} threads", times,
                  note=f"identical answers: {same} of {len(questions)} (expected all in fp32; bf16 rounds a "

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (add_dtype_option, autocast_dtype, interleaved, lora_model, side_by_side,  # noqa: E402
-                          training_batch)
-from poetry.batching import target_tokens  # noqa: E402
+from bench.common import add_dtype_option, autocast_dtype, interleaved, lora_model, side_by_side, training_batch  # noqa: E402
+from poetry.feed import target_tokens  # noqa: E402
 from poetry.loss import TargetOnlyLoss, full_logits_loss  # noqa: E402
 
 

@@ -29,9 +29,8 @@ import torch
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS_DIR, console, interleaved, lora_model, side_by_side, training_batch,  # noqa: E402
-                          write_results)
-from poetry.batching import target_tokens  # noqa: E402
+from bench.common import RESULTS_DIR, console, interleaved, lora_model, side_by_side, training_batch, write_results  # noqa: E402
+from poetry.feed import target_tokens  # noqa: E402
 from poetry.loss import TargetOnlyLoss  # noqa: E402
 from poetry.precision import choose  # noqa: E402
 

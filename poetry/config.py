@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .models import BUILTIN_PREFIX, check_local_model
+from .builtin import BUILTIN_PREFIX, check_local_model
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -283,10 +283,11 @@ def fit_to_device(config: Config, device: str) -> None:
     config.notes += [f"warning: {warning}" for warning in dict.fromkeys(warnings) if warning]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), device: str | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] = (), device: str | None = None,
+                processes: int | None = None) -> Config:
     """Defaults, then the YAML file, then each `section.key=value` override, then `auto` fitted to the device (by
-    default CUDA when present and train.cpu is off, else CPU) and the launch (an FSDP accelerate config), then
-    validation. Nothing changes the config after this."""
+    default CUDA when present and train.cpu is off, else CPU) and the launch (an FSDP accelerate config; `processes`
+    defaults to the launcher's WORLD_SIZE), then validation. Nothing changes the config after this."""
     config = Config()
     if path is not None:
         path = Path(path)
@@ -311,7 +312,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), devic
     fit_to_device(config, device)
     if device == "cuda" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         config.train.fsdp = True  # accelerate launch --config_file configs/accelerate/fsdp.yaml (GPU only)
-    validate(config, device, processes=int(os.environ.get("WORLD_SIZE", "1")))
+    validate(config, device, processes or int(os.environ.get("WORLD_SIZE", "1")))
     return config
 
 

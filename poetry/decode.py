@@ -220,7 +220,7 @@ class _AnswerState:
     def _choose(self, logits: torch.Tensor) -> int:
         letters = logits[self.letter_ids].float().log_softmax(-1)
         best = int(letters.argmax())
-        self.option_logprobs = dict(zip(OPTION_LETTERS, letters.tolist()))
+        self.option_logprobs = dict(zip(OPTION_LETTERS, letters.tolist(), strict=True))
         self.letter = OPTION_LETTERS[best]
         self.slot += 1
         self.pending.extend(self._piece_ids(""))
@@ -228,8 +228,8 @@ class _AnswerState:
 
     def decoded(self) -> Decoded:
         q, n = self.question, len(self.question.qa_words)
-        answer = Answer(q.idx, dict(zip(q.qa_words, self.values[:n])), dict(zip(q.qa_sents, self.values[n:])),
-                        self.letter)
+        answer = Answer(q.idx, dict(zip(q.qa_words, self.values[:n], strict=True)),
+                        dict(zip(q.qa_sents, self.values[n:], strict=True)), self.letter)
         return Decoded(answer, self.option_logprobs)
 
 
@@ -283,7 +283,7 @@ def decode_constrained(model, fmt: PromptFormat, questions: list[Question], batc
     budget of each value: a value that reaches it is cut there."""
     with _inference(model):
         states = _states(model, fmt, questions, max_new_tokens)
-        prefixes = [fmt.prompt_ids(q) + s.start() for q, s in zip(questions, states)]
+        prefixes = [fmt.prompt_ids(q) + s.start() for q, s in zip(questions, states, strict=True)]
         for batch in _batches([len(p) for p in prefixes], batch_size):
             _decode_batch(model, [prefixes[i] for i in batch], [states[i] for i in batch], _pad_id(fmt))
             if progress:
@@ -304,7 +304,7 @@ def _decode_batch(model, prefixes: list[list[int]], states: list[_AnswerState], 
                     use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         logits = out.logits[:, -1].float()
-        tokens = [pad_id if state.done else state.step(row) for state, row in zip(states, logits)]
+        tokens = [pad_id if state.done else state.step(row) for state, row in zip(states, logits, strict=True)]
         input_ids = torch.tensor(tokens, device=mask.device)[:, None]
         mask = torch.cat([mask, mask.new_ones(len(states), 1)], dim=1)
 
@@ -314,7 +314,7 @@ def decode_naive(model, fmt: PromptFormat, questions: list[Question], max_new_to
     for every generated token. Slow; tests compare the two."""
     results = []
     with _inference(model):
-        for question, state in zip(questions, _states(model, fmt, questions, max_new_tokens)):
+        for question, state in zip(questions, _states(model, fmt, questions, max_new_tokens), strict=True):
             ids = fmt.prompt_ids(question) + state.start()
             while not state.done:
                 logits = None
@@ -373,12 +373,12 @@ def decode_free(model, fmt: PromptFormat, questions: list[Question], batch_size:
             out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, pad_token_id=pad_id,
                                  eos_token_id=stop,
                                  max_new_tokens=max(free_budget(fmt, questions[i], max_new_tokens) for i in batch))
-            for i, row in zip(batch, out[:, input_ids.shape[1]:]):
+            for i, row in zip(batch, out[:, input_ids.shape[1]:], strict=True):
                 texts[i] = tokenizer.decode(row, skip_special_tokens=True)
             if progress:
                 progress(len(batch))
     items = []
-    for question, text in zip(questions, texts):
+    for question, text in zip(questions, texts, strict=True):
         answer, repairs = parse_free_answer(question, text)
         items.append(FreeDecoded(answer, text, repairs))
     return FreeResult(items)

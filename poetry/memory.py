@@ -1,4 +1,4 @@
-"""Memory: an estimate before any weight loads, and measured peaks per phase while training.
+"""Memory planning: an estimate of a run's peak before any weight loads (measured peaks: poetry.profiling).
 
     python -m poetry.memory --config configs/qwen2.5-7b-lora.yaml [section.key=value ...] [--budget-gb 32]
 
@@ -10,12 +10,8 @@ the total as a planning number and check it with the measured peaks (metrics.jso
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
-
-import torch
 
 from .config import Config, ConfigError, load_config
 from .precision import choose
@@ -131,49 +127,6 @@ def estimate_table(cfg: Config, model_path: str, budget_gb: float = 32.0, device
     return table, total
 
 
-class MemoryMonitor:
-    """Peak memory per phase (forward, backward, optimizer, eval): allocated and reserved on CUDA, process RSS on
-    CPU (RSS peaks cannot be reset, so CPU reports one running peak)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.peaks: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        yield
-        if self.cuda:
-            for kind, value in (("alloc", torch.cuda.max_memory_allocated(self.device)),
-                                ("reserved", torch.cuda.max_memory_reserved(self.device))):
-                key = f"mem/{name}_{kind}_gb"
-                self.peaks[key] = max(self.peaks.get(key, 0.0), value / GB)
-
-    def summary(self) -> dict[str, float]:
-        rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # Linux reports KiB
-        return {**{k: round(v, 3) for k, v in self.peaks.items()}, "mem/peak_rss_gb": round(rss_gb, 3)}
-
-
-class CudaSnapshot:
-    """Records allocator history from start() to stop() and dumps it for https://pytorch.org/memory_viz."""
-
-    def __init__(self, path, enabled: bool):
-        self.path = path
-        self.active = enabled and torch.cuda.is_available()
-
-    def start(self) -> None:
-        if self.active:
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
-
-    def stop(self) -> None:
-        if self.active:
-            torch.cuda.memory._dump_snapshot(str(self.path))
-            torch.cuda.memory._record_memory_history(enabled=None)
-            self.active = False
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m poetry.memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,12 +142,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    from .models import resolve_model_path
+    from .builtin import resolve_model_path
 
     args = _parser().parse_args(argv)
     try:
         # The estimate is of a CUDA run, so `auto` precision is fitted to a GPU even where this machine has none
-        cfg = load_config(args.config, args.overrides, device="cuda")
+        cfg = load_config(args.config, args.overrides, device="cuda", processes=args.processes)
         model_path = resolve_model_path(cfg.model.path)  # builds builtin:NAME; one line for a missing path
         table, _ = estimate_table(cfg, model_path, args.budget_gb, shards=args.processes if cfg.train.fsdp else 1)
     except (ConfigError, OSError) as err:

@@ -105,11 +105,11 @@ class BertScore:
         """F1 per (candidate, reference) pair; a pair with an empty side scores 0 without reaching the model."""
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidates for {len(references)} references")
-        scored = [i for i, (c, r) in enumerate(zip(candidates, references)) if c.strip() and r.strip()]
+        scored = [i for i, (c, r) in enumerate(zip(candidates, references, strict=True)) if c.strip() and r.strip()]
         f1 = [0.0] * len(candidates)
         if scored:
             _, _, values = self._scorer.score([candidates[i] for i in scored], [references[i] for i in scored])
-            for i, value in zip(scored, values.tolist()):
+            for i, value in zip(scored, values.tolist(), strict=True):
                 f1[i] = value
         return f1
 
@@ -232,7 +232,7 @@ def _pairs(gold: dict[str, str], pred: dict[str, str]) -> list[tuple[str, str, s
 def _score_part(pairs: list[tuple[str, str, str]], bertscore: BertScore | None) -> list[AnswerScore]:
     f1 = bertscore.f1([p for _, _, p in pairs], [g for _, g, _ in pairs]) if bertscore else [None] * len(pairs)
     return [AnswerScore(key, gold, pred, char_bleu(gold, pred), char_bleu(gold, pred, reweigh=True), value)
-            for (key, gold, pred), value in zip(pairs, f1)]
+            for (key, gold, pred), value in zip(pairs, f1, strict=True)]
 
 
 def score_answers(gold: list[Answer], pred: list[Answer], bertscore: BertScore | None = None,
@@ -241,8 +241,8 @@ def score_answers(gold: list[Answer], pred: list[Answer], bertscore: BertScore |
     must have the same length). `bertscore_off` is recorded as the reason when `bertscore` is None."""
     if len(gold) != len(pred):
         raise ValueError(f"{len(pred)} predicted items for {len(gold)} gold items")
-    words = [_pairs(g.ans_qa_words, p.ans_qa_words) for g, p in zip(gold, pred)]
-    sents = [_pairs(g.ans_qa_sents, p.ans_qa_sents) for g, p in zip(gold, pred)]
+    words = [_pairs(g.ans_qa_words, p.ans_qa_words) for g, p in zip(gold, pred, strict=True)]
+    sents = [_pairs(g.ans_qa_sents, p.ans_qa_sents) for g, p in zip(gold, pred, strict=True)]
     # One bert-score call per part, not per item: it batches, and each call has a fixed cost
     word_scores = _score_part([pair for item in words for pair in item], bertscore)
     sent_scores = _score_part([pair for item in sents for pair in item], bertscore)
@@ -251,5 +251,5 @@ def score_answers(gold: list[Answer], pred: list[Answer], bertscore: BertScore |
         ItemScore(idx=g.idx, words=tuple(islice(word_scores, len(item_words))),
                   sents=tuple(islice(sent_scores, len(item_sents))), choose_id=p.choose_id,
                   gold_choose_id=g.choose_id, correct=None if g.choose_id is None else p.choose_id == g.choose_id)
-        for g, p, item_words, item_sents in zip(gold, pred, words, sents))
+        for g, p, item_words, item_sents in zip(gold, pred, words, sents, strict=True))
     return Scores(items, None if bertscore else bertscore_off)

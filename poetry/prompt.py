@@ -12,7 +12,8 @@ User message (parts present only; numbering follows them):
     - <sentence>
     三、选出最符合这首诗词情感的一项：
     A. <option>  ...  D. <option>
-    请只输出一个 JSON 对象，格式为：{"ans_qa_words": {"词语": "解释"}, "ans_qa_sents": {"句子": "译文"}, "choose_id": "选项字母"}
+    请只输出一个 JSON 对象，格式为：{"ans_qa_words": {"词语": "解释"},
+        "ans_qa_sents": {"句子": "译文"}, "choose_id": "选项字母"}     (one line in the prompt)
 
 Target: `json.dumps(answer, ensure_ascii=False)` with the default separators `", "` and `": "`, keys verbatim and
 in the question's order (the official scorer reads by position), parts in the order ans_qa_words, ans_qa_sents,
@@ -53,7 +54,7 @@ def render_user(question: Question) -> str:
         tasks.append(["把下列句子翻译成现代汉语：", *(f"- {s}" for s in question.qa_sents)])
     if question.choose:
         tasks.append(["选出最符合这首诗词情感的一项：", *(f"{k}. {v}" for k, v in question.choose.items())])
-    for numeral, (head, *items) in zip(_NUMERALS, tasks):
+    for numeral, (head, *items) in zip(_NUMERALS, tasks, strict=False):  # as many numerals as parts
         lines += [f"{numeral}、{head}", *items]
     lines.append(_FORMAT_HINT)
     return "\n".join(lines)

@@ -16,7 +16,7 @@ SAMPLE = ROOT / "data" / "sample"
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from poetry.models.tiny import build_tiny
+    from poetry.builtin.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny") / "qwen3")
 

@@ -7,11 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 from poetry.data.__main__ import _parser as data_parser
 from poetry.memory import _parser as memory_parser
 from poetry.memory import main as memory_main
+
+from conftest import ROOT
 
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 

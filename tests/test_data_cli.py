@@ -1,7 +1,8 @@
 """`python -m poetry.data`: stats and export-val."""
-from conftest import ROOT, SAMPLE
 from poetry.data import check_submission, load_answers, load_poems, load_questions, split_poems
 from poetry.data.__main__ import main
+
+from conftest import ROOT, SAMPLE
 
 
 def test_stats_prints_counts(capsys):
@@ -32,7 +33,7 @@ def test_export_val_writes_held_out_questions_with_gold(tmp_path, capsys):
     check_submission(questions, gold, "gold.json")
     _, val = split_poems(load_poems(SAMPLE / "train-data").records, 0.3, 0)
     assert questions and {q.content for q in questions} <= {p.content for p in val}
-    assert all(q.choose[g.choose_id] for q, g in zip(questions, gold))
+    assert all(q.choose[g.choose_id] for q, g in zip(questions, gold, strict=True))
 
 
 def test_export_val_config_errors_are_one_line(tmp_path, capsys):

@@ -4,14 +4,24 @@ import json
 
 import pytest
 import torch
-from conftest import SAMPLE
 
 from poetry.config import LoraConfig, ModelConfig
 from poetry.data import Answer, Question, check_submission, load_answers, load_questions
-from poetry.decode import (Skeleton, UnsupportedTokenizer, _AnswerState, _vocab, closing_quote, decode_constrained,
-                           decode_naive, option_letter_ids, parse_free_answer)
+from poetry.decode import (
+    Skeleton,
+    UnsupportedTokenizer,
+    _AnswerState,
+    _vocab,
+    closing_quote,
+    decode_constrained,
+    decode_naive,
+    option_letter_ids,
+    parse_free_answer,
+)
 from poetry.model import add_lora, load_model
 from poetry.prompt import PromptFormat, render_target
+
+from conftest import SAMPLE
 
 OPTIONS = {"A": "惜别的怅惘", "B": "欢快的重逢", "C": "豪迈的报国之志", "D": "闲适的田园之乐"}
 # Keys with a half-width comma and space, and a quote that json.dumps escapes
@@ -66,10 +76,13 @@ def teacher_forced(fmt, answer: Answer, question: Question) -> _AnswerState:
 
 
 def test_skeleton_is_the_target_with_values_cut_out():
-    for question in (QUESTION, Question(1, "t", "c", (), ("句一，", "句二。"), {}), Question(2, "t", "c", ("词",), (), {})):
+    questions = (QUESTION, Question(1, "t", "c", (), ("句一，", "句二。"), {}), Question(2, "t", "c", ("词",), (), {}))
+    for question in questions:
         skeleton = Skeleton.of(question)
         answer = answer_with(question, "VALUE", "B")
-        filled = "".join(p + ("B" if key is None else "VALUE") for p, key in zip(skeleton.pieces, skeleton.slots))
+        # one piece more than slots: the text after the last value
+        filled = "".join(p + ("B" if key is None else "VALUE")
+                         for p, key in zip(skeleton.pieces[:-1], skeleton.slots, strict=True))
         assert filled + skeleton.pieces[-1] == render_target(answer)
 
 
@@ -86,22 +99,23 @@ def test_forced_ids_equal_the_target_ids(fmt, value):
 
 def test_forced_ids_equal_the_target_ids_on_sample_gold(fmt, sample_questions):
     gold = load_answers(SAMPLE / "eval_gold.json")
-    for question, answer in list(zip(sample_questions, gold))[:4]:
+    for question, answer in list(zip(sample_questions, gold, strict=True))[:4]:
         state = teacher_forced(fmt, answer, question)
         assert state.ids == fmt.target_ids(answer) and state.decoded().answer == answer
 
 
 def test_forced_ids_equal_the_target_ids_with_gemma3s_tokenizer(sample_questions):
     """Gemma-3 (SentencePiece, no chat template: the plain format) where its converted directory is cached."""
+    from poetry.builtin.gemma270m import MODEL_SUBDIR, default_cache_dir, is_complete
     from poetry.model import load_tokenizer
-    from poetry.models.gemma270m import MODEL_SUBDIR, default_cache_dir, is_complete
 
     model_dir = default_cache_dir() / MODEL_SUBDIR
     if not is_complete(model_dir):
-        pytest.skip(f"Gemma-3-270M not built at {model_dir} (python -m poetry.models.gemma270m)")
+        pytest.skip(f"Gemma-3-270M not built at {model_dir} (python -m poetry.builtin.gemma270m)")
     fmt = PromptFormat(load_tokenizer(str(model_dir)))
     gold = load_answers(SAMPLE / "eval_gold.json")
-    for question, answer in [*zip(sample_questions[:2], gold[:2]), (QUESTION, answer_with(QUESTION, "wow!"))]:
+    pairs = [*zip(sample_questions[:2], gold[:2], strict=True), (QUESTION, answer_with(QUESTION, "wow!"))]
+    for question, answer in pairs:
         state = teacher_forced(fmt, answer, question)
         assert state.ids == fmt.target_ids(answer) and state.decoded().answer == answer
 
@@ -115,7 +129,7 @@ def test_ascii_punctuation_opening_a_value_is_the_one_exception(fmt, value):
     answer = answer_with(QUESTION, value)
     state = teacher_forced(fmt, answer, QUESTION)
     target = fmt.target_ids(answer)
-    first_difference = next(i for i, (a, b) in enumerate(zip(state.ids, target)) if a != b)
+    first_difference = next(i for i, (a, b) in enumerate(zip(state.ids, target, strict=True)) if a != b)
     assert fmt.tokenizer.decode(state.ids[first_difference]) == ' "'
     merged = fmt.tokenizer.decode(target[first_difference])
     assert merged.startswith(' "' + json.dumps(value, ensure_ascii=False)[1]) and len(merged) > 2
@@ -168,7 +182,7 @@ def test_letters_must_be_single_tokens(fmt):
 
 def assert_same(got, expected):
     assert [d.answer for d in got] == [d.answer for d in expected]
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert a.option_logprobs == pytest.approx(b.option_logprobs, abs=1e-4)
 
 

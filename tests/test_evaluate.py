@@ -3,8 +3,9 @@ import importlib.util
 import json
 
 import pytest
-from conftest import ROOT
 from test_metrics import build_tiny_bert
+
+from conftest import ROOT
 
 # Loaded by path: the repo root is not on sys.path, and "evaluate" is also the name of a Hugging Face package
 _spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")

@@ -108,7 +108,7 @@ import os, sys
 sys.path.insert(0, {str(ROOT)!r})
 import train
 from poetry.config import load_config
-from poetry.distributed import Parallel
+from poetry.parallel import Parallel
 
 original_grad_scaler = Parallel.grad_scaler
 
@@ -143,7 +143,7 @@ def test_a_decoder_without_layers_cannot_be_sharded(monkeypatch):
     from torch import nn
 
     from poetry.config import ConfigError, load_config
-    from poetry.distributed import Parallel
+    from poetry.parallel import Parallel
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     parallel = Parallel(SimpleNamespace(num_processes=2), load_config(ROOT / "configs" / "tiny.yaml",

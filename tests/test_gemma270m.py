@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from poetry.models import gemma270m as g
-from poetry.models.gemma270m import GemmaAssetError, assemble, ensure_gemma270m, locate_chunks
+from poetry.builtin import gemma270m as g
+from poetry.builtin.gemma270m import GemmaAssetError, assemble, ensure_gemma270m, locate_chunks
 
 SIZES = (3000, 3000, 3000, 1234)
 
@@ -43,7 +43,7 @@ def fake(tmp_path, monkeypatch):
     packages = tuple(f"poetry-sft-fake-chunk-part{i}" for i in range(1, 5))
     names = tuple(f"data/fake.gguf.part{i:02d}" for i in range(4))
     site, paths, start = tmp_path / "site", [], 0
-    for package, name, size in zip(packages, names, SIZES):
+    for package, name, size in zip(packages, names, SIZES, strict=True):
         paths.append(_install_fake(site, package, name, payload[start:start + size]))
         start += size
     monkeypatch.syspath_prepend(str(site))

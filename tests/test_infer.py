@@ -6,12 +6,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE
 
 from poetry.config import LoraConfig, ModelConfig
 from poetry.data import check_submission, load_answers, load_questions
 from poetry.model import add_lora, load_model
 from poetry.precision import DTYPES, Choice, choose
+
+from conftest import ROOT, SAMPLE
 
 # Loaded by path: the repo root is not on sys.path
 _spec = importlib.util.spec_from_file_location("infer_cli", ROOT / "infer.py")

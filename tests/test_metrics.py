@@ -10,11 +10,13 @@ from poetry.metrics import BertScore, MetricUnavailable, char_bleu, score_answer
 # Hand-made set. Every answer is either identical to its gold (>= 4 characters, so BLEU 1) or shares no character
 # with it (BLEU 0), so the aggregates can be derived by hand.
 GOLD = [
-    Answer(0, {"疑": "好像是这样", "举头": "抬起头来"}, {"床前明月光，疑是地上霜。": "床前洒满月光，好像地上结了霜。"}, "A"),
+    Answer(0, {"疑": "好像是这样", "举头": "抬起头来"},
+           {"床前明月光，疑是地上霜。": "床前洒满月光，好像地上结了霜。"}, "A"),
     Answer(1, {"明月": "明亮的月光"}, {"低头思故乡。": "低头思念故乡", "举头望明月，": "抬头望着明月"}, "B"),
 ]
 PRED = [
-    Answer(0, {"疑": "好像是这样", "举头": "完全不同"}, {"床前明月光，疑是地上霜。": "床前洒满月光，好像地上结了霜。"}, "A"),
+    Answer(0, {"疑": "好像是这样", "举头": "完全不同"},
+           {"床前明月光，疑是地上霜。": "床前洒满月光，好像地上结了霜。"}, "A"),
     Answer(1, {"明月": "明亮的月光"}, {"低头思故乡。": "向下看", "举头望明月，": "抬头望着明月"}, "C"),
 ]
 
@@ -26,7 +28,8 @@ def build_tiny_bert(directory, model_max_length=None):
 
     directory.mkdir(parents=True, exist_ok=True)
     characters = [chr(c) for c in range(0x4E00, 0x4E00 + 300)]
-    characters += list("，。！？；：、“”《》春风又绿江南岸吹好像是这样抬起头来完全不同明亮的月光床前洒满结了霜低思念故乡向下看望着")
+    characters += list("，。！？；：、“”《》春风又绿江南岸吹好像是这样抬起头来"
+                       "完全不同明亮的月光床前洒满结了霜低思念故乡向下看望着")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(characters)]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     # Saved without model_max_length unless asked, as many hand-made folders are: BertScore must cope with 1e30
@@ -53,7 +56,7 @@ class FakeBertScore:
     """1.0 for identical pairs, 0.5 otherwise."""
 
     def f1(self, candidates, references):
-        return [1.0 if c == r else 0.5 for c, r in zip(candidates, references)]
+        return [1.0 if c == r else 0.5 for c, r in zip(candidates, references, strict=True)]
 
 
 def test_identical_long_answers_score_one():

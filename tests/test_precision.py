@@ -2,9 +2,10 @@
 import pytest
 import yaml
 
-from conftest import ROOT
 from poetry import precision
 from poetry.config import load_config
+
+from conftest import ROOT
 
 AMD_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx fma avx2 bmi2\n\nprocessor\t: 1\n"
 INTEL_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile\n"

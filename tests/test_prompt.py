@@ -26,7 +26,8 @@ def test_target_omits_absent_parts():
 
 def test_user_message_shows_every_part():
     text = render_user(QUESTION)
-    for part in ("标题：送别", "作者：王维", QUESTION.content, "- 柴扉", "- 春草明年绿, 王孙归不归？", "D. 闲适的田园之乐"):
+    parts = ("标题：送别", "作者：王维", QUESTION.content, "- 柴扉", "- 春草明年绿, 王孙归不归？", "D. 闲适的田园之乐")
+    for part in parts:
         assert part in text
     assert "一、解释" in text and "二、把下列句子" in text and "三、选出" in text
     no_author = render_user(Question(0, "t", "c", (), ("c",), {}))

@@ -20,7 +20,8 @@ def poems():
 
 
 def test_clauses_keep_marks_and_drop_stanza_spaces():
-    assert clauses("上阕一句。上阕二句！\n　下阕一句？下阕二句") == ["上阕一句。", "上阕二句！", "下阕一句？", "下阕二句"]
+    assert clauses("上阕一句。上阕二句！\n　下阕一句？下阕二句") == \
+        ["上阕一句。", "上阕二句！", "下阕一句？", "下阕二句"]
     assert clauses("连问？！再说。") == ["连问？！", "再说。"]
 
 

@@ -26,7 +26,7 @@ assert transformers.utils.logging.get_verbosity() == transformers.utils.logging.
 AFTER_IMPORT = """
 import datasets, transformers
 assert datasets.is_progress_bar_enabled() and transformers.utils.logging.is_progress_bar_enabled()
-from poetry.logger import quiet_libraries
+from poetry.quiet import quiet_libraries
 quiet_libraries()
 assert transformers.utils.logging.get_verbosity() == transformers.utils.logging.ERROR
 """ + BARS_OFF

@@ -3,9 +3,9 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from poetry.builtin.tiny import ARCHITECTURES, build_tiny, main
 from poetry.config import ModelConfig
 from poetry.model import load_model
-from poetry.models.tiny import ARCHITECTURES, build_tiny, main
 
 
 def test_real_qwen3_tokenizer_ids(tokenizer, tiny_model_dir):

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, SAMPLE
 from poetry.config import load_config
+
+from conftest import ROOT, SAMPLE
 
 sys.path.insert(0, str(ROOT))
 import train as train_script  # noqa: E402
@@ -148,7 +149,7 @@ def test_accumulation_matches_one_big_batch(tiny_model_dir, few_poems, tmp_path,
     big = gradient(8, 1, "big")
     small = gradient(micro * 2, accum, "small")
     assert len(big) == len(small) > 0
-    for g_big, g_small in zip(big, small):
+    for g_big, g_small in zip(big, small, strict=True):
         assert torch.allclose(g_big, g_small, atol=1e-7, rtol=1e-4)
 
 
@@ -402,7 +403,7 @@ def test_memory_snapshot_records_the_first_steps_of_a_resumed_session(tiny_model
                 stopped_after.append(metrics(tmp_path)[-1]["step"])
                 self.active = False
 
-    monkeypatch.setattr(train_script.memory, "CudaSnapshot", Recorder)
+    monkeypatch.setattr(train_script.profiling, "CudaSnapshot", Recorder)
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -144,7 +144,8 @@ def _load(path: str | Path, build: Callable[[_Fields, str], object], on_invalid:
     loaded = Loaded([])
     for number, raw in records:
         issues: list[Issue] = []
-        fields = _Fields(raw, lambda name, msg: issues.append(Issue(shown, number, name, msg, label)))
+        fields = _Fields(raw, lambda name, msg, issues=issues, number=number:
+                         issues.append(Issue(shown, number, name, msg, label)))
         if isinstance(raw, dict):
             record = build(fields, f"{shown}:{number}")
         else:
@@ -261,7 +262,7 @@ def check_submission(expected: list[Question] | list[Answer], answers: list[Answ
     if len(answers) != len(expected):
         raise DataError([Issue(file, None, None, f"{len(answers)} answers for {len(expected)} questions")])
     issues = []
-    for position, (item, answer) in enumerate(zip(expected, answers)):
+    for position, (item, answer) in enumerate(zip(expected, answers, strict=True)):
         def bad(field: str, message: str, position: int = position) -> None:
             issues.append(Issue(file, position, field, message))
 

@@ -46,10 +46,10 @@ def align_sentences(content: str, trans: str) -> Alignment:
     """
     source, target = clauses(content), clauses(trans)
     if source and len(source) == len(target):
-        return Alignment(tuple(zip(source, target)), "marks")
+        return Alignment(tuple(zip(source, target, strict=True)), "marks")
     source, target = _lines(content), _lines(trans)
     if len(source) > 1 and len(source) == len(target):
-        return Alignment(tuple(zip(source, target)), "lines")
+        return Alignment(tuple(zip(source, target, strict=True)), "lines")
     return Alignment((), "none")
 
 
@@ -95,7 +95,7 @@ class QuestionBuilder:
         rng = random.Random(f"{self.seed}:{poem.key}:{epoch}")
         options = [poem.emotion, *rng.sample(pool, len(OPTION_LETTERS) - 1)]
         rng.shuffle(options)
-        return dict(zip(OPTION_LETTERS, options)), OPTION_LETTERS[options.index(poem.emotion)]
+        return dict(zip(OPTION_LETTERS, options, strict=True)), OPTION_LETTERS[options.index(poem.emotion)]
 
     def examples(self, poem: Poem, epoch: int) -> list[Example]:
         glosses = [(w, g.strip()) for w, g in poem.keywords.items() if g.strip()]
@@ -105,7 +105,7 @@ class QuestionBuilder:
         if not glosses and not sentences and choice is None:
             return []
         examples = []
-        for words, sents in zip(_chunks(glosses, n_questions), _chunks(sentences, n_questions)):
+        for words, sents in zip(_chunks(glosses, n_questions), _chunks(sentences, n_questions), strict=True):
             options, letter = choice if choice else ({}, None)
             question = Question(idx=len(examples), title=poem.title, author=poem.author, content=poem.content,
                                 qa_words=tuple(w for w, _ in words), qa_sents=tuple(s for s, _ in sents),

@@ -26,7 +26,10 @@ class Stats:
 
     def rows(self) -> list[tuple[str, str]]:
         aligned = self.alignment["marks"] + self.alignment["lines"]
-        pct = lambda n, d: f"{n} ({100 * n / d:.1f}%)" if d else str(n)
+
+        def pct(n: int, d: int) -> str:
+            return f"{n} ({100 * n / d:.1f}%)" if d else str(n)
+
         return [
             ("files", str(self.files)),
             ("poems", str(self.poems)),

@@ -1,10 +1,11 @@
-"""Length-bucketed sampler and collator invariants."""
+"""What the loop is fed: the run's tokenised questions, the length-bucketed sampler and the collator."""
 import pytest
 import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
-from poetry.batching import Collator, LengthBucketBatchSampler, target_tokens
-from poetry.prompt import IGNORE_INDEX
+from poetry.config import DataConfig
+from poetry.feed import Collator, LengthBucketBatchSampler, TaskData, target_tokens
+from poetry.prompt import IGNORE_INDEX, PromptFormat
 
 LENGTHS = [(i * 37) % 101 + 5 for i in range(103)]
 
@@ -24,7 +25,10 @@ def test_every_example_exactly_once_per_epoch():
 def test_buckets_reduce_padding_and_costliest_batch_first():
     sampler = LengthBucketBatchSampler(LENGTHS, batch_size=8, seed=1, bucket_multiplier=4)
     batches = epoch_batches(sampler, 0)
-    cost = lambda b: len(b) * max(LENGTHS[i] for i in b)
+
+    def cost(batch):
+        return len(batch) * max(LENGTHS[i] for i in batch)
+
     assert cost(batches[0]) == max(map(cost, batches))
     padded = sum(map(cost, batches))
     unsorted = sum(len(b) * max(LENGTHS[i] for i in b)
@@ -57,7 +61,10 @@ def test_ranks_get_distinct_batches_and_equal_counts(world):
     assert set(everything) == set(range(len(LENGTHS)))
     total_batches = len(LengthBucketBatchSampler(LENGTHS, 8, seed=4).global_batches())
     assert len(everything) - len(LENGTHS) <= (world - 1) * 8 and len(per_rank[0]) * world >= total_batches
-    cost = lambda b: len(b) * max(LENGTHS[i] for i in b)
+
+    def cost(batch):
+        return len(batch) * max(LENGTHS[i] for i in batch)
+
     costliest = sorted(map(cost, LengthBucketBatchSampler(LENGTHS, 8, seed=4).global_batches()))[-world:]
     assert sorted(cost(batches[0]) for batches in per_rank) == costliest  # every rank meets its OOM at step 1
 
@@ -94,9 +101,6 @@ def test_collator_keeps_exact_multiple():
 @pytest.fixture(scope="module")
 def epoch(tokenizer, few_poems):
     """One epoch of tokenised training questions of the tiny model: columns input_ids, labels, length."""
-    from poetry.config import DataConfig
-    from poetry.dataset import TaskData
-    from poetry.prompt import PromptFormat
 
     return TaskData(DataConfig(train=str(few_poems), val_fraction=0), PromptFormat(tokenizer), seed=0).train_epoch(0)
 
@@ -131,3 +135,20 @@ def test_transformers_collator_pads_on_the_tokenizers_side(tiny_model_dir, epoch
     assert (ours["attention_mask"][:, 0] == 1).all() and (theirs["attention_mask"][shorter, 0] == 0).all()
     assert torch.equal(ours["attention_mask"].sum(1), theirs["attention_mask"].sum(1))
     assert "length" in library_collator(left)([epoch[i] for i in range(4)])
+
+
+
+def task_data(few_poems, tokenizer, max_len: int) -> TaskData:
+    return TaskData(DataConfig(train=str(few_poems), val_fraction=0.3, max_len=max_len), PromptFormat(tokenizer), 0)
+
+
+def test_overlong_questions_are_counted(few_poems, tokenizer):
+    whole = task_data(few_poems, tokenizer, max_len=100_000)
+    train_lengths, val_lengths = list(whole.train_epoch(0)["length"]), list(whole.val_dataset["length"])
+    assert whole.dropped_train == {0: 0} and whole.dropped_val == 0
+    limit = sorted(train_lengths + val_lengths)[len(train_lengths + val_lengths) // 2]  # about half too long
+    cut = task_data(few_poems, tokenizer, max_len=limit)
+    assert len(cut.train_epoch(0)) + cut.dropped_train[0] == len(train_lengths)
+    assert cut.dropped_train == {0: sum(n > limit for n in train_lengths)} and cut.dropped_train[0] > 0
+    assert cut.dropped_val == sum(n > limit for n in val_lengths)
+    assert len(cut.val_dataset) + cut.dropped_val == len(cut.val_examples)

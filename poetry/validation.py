@@ -17,7 +17,7 @@ from .decode import decode_constrained
 from .metrics import BertScore, combine, score_answers
 
 
-class Evaluator:
+class Validator:
     def __init__(self, cfg: EvalConfig, data, fmt, collate, parallel, autocast: Callable, heartbeat: Callable):
         self.cfg, self.data, self.fmt, self.collate = cfg, data, fmt, collate
         self.parallel, self.autocast, self.heartbeat = parallel, autocast, heartbeat
@@ -69,7 +69,7 @@ class Evaluator:
             values |= {"bertscore_words": [a.bertscore for a in words], "bertscore_sents": [a.bertscore for a in sents]}
         local = [x for v in values.values() for x in (sum(v), len(v))]  # per-rank sums and counts
         totals = self.parallel.sum(torch.tensor(local, dtype=torch.float64, device=self.device))
-        means = {name: (s / n if n else None) for name, (s, n) in zip(values, totals.view(-1, 2).tolist())}
+        means = {name: (s / n if n else None) for name, (s, n) in zip(values, totals.view(-1, 2).tolist(), strict=True)}
         means["proxy_total"] = combine(means["acc"], [means["bleu_words"], means["bleu_sents"]])
         if self.bertscore is not None:
             means["total"] = combine(means["acc"], [means["bleu_words"], means["bleu_sents"],

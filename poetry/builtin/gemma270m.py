@@ -12,7 +12,7 @@ names a cache root; `--cache-dir DIR` / `cache_dir=` replace the whole path):
     bf16.tmp-<pid>/               a build in progress; renamed to bf16/ only when complete
     gemma-3-270m-q4_k_m.gguf      intermediate, deleted after a successful conversion (the wheels still hold it)
 
-`python -m poetry.models.gemma270m [--cache-dir DIR] [--force]` prints progress on stderr and the directory on stdout.
+`python -m poetry.builtin.gemma270m [--cache-dir DIR] [--force]` prints progress on stderr and the directory on stdout.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _say(message: str) -> None:
 
 
 def default_cache_dir() -> Path:
-    """`$POETRY_SFT_CACHE/gemma-3-270m`, else `~/.cache/poetry-sft/gemma-3-270m` (the same root as the tiny builtins)."""
+    """`$POETRY_SFT_CACHE/gemma-3-270m`, else `~/.cache/poetry-sft/gemma-3-270m` (the tiny builtins' root too)."""
     from . import cache_root
 
     return cache_root().expanduser() / "gemma-3-270m"
@@ -88,7 +88,7 @@ def locate_chunks(packages: Sequence[str] = PACKAGES, chunk_names: Sequence[str]
     if len(packages) != len(chunk_names):
         raise ValueError("one chunk name per package")
     chunks, problems = [], []
-    for package, name in zip(packages, chunk_names):
+    for package, name in zip(packages, chunk_names, strict=True):
         try:
             dist = distribution(package)
         except PackageNotFoundError:
@@ -301,7 +301,7 @@ def ensure_gemma270m(cache_dir: str | Path | None = None, force: bool = False, *
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m poetry.models.gemma270m", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m poetry.builtin.gemma270m", description=__doc__.split("\n")[0])
     parser.add_argument("--cache-dir", help="directory for this model (default: $POETRY_SFT_CACHE/gemma-3-270m "
                                             "or ~/.cache/poetry-sft/gemma-3-270m)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete directory exists")

@@ -18,7 +18,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .atomic import atomic_write_text
 from .config import Config, ConfigError, LogConfig, save_config
-from .quiet import quiet_libraries as quiet_libraries  # re-exported: train.py calls logger.quiet_libraries
 
 TRACKER_PROJECT = "poetry-sft"  # the wandb/swanlab project; tensorboard events go to <run dir>/poetry-sft/
 
@@ -190,7 +189,7 @@ class RunLog:
                 continue
             fig, ax = plt.subplots(figsize=(7, 4))
             for key, points in series.items():
-                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=key)
+                ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, markersize=3, label=key)
             ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)
             ax.legend()

@@ -1,0 +1,53 @@
+"""Measured memory while training: peaks per phase (forward, backward, optimizer, eval) and the CUDA allocator's
+history for --profile-memory. The estimate made before a run is poetry.memory's."""
+from __future__ import annotations
+
+import resource
+from contextlib import contextmanager
+
+import torch
+
+GB = 1024**3
+
+
+class MemoryMonitor:
+    """Peak memory per phase (forward, backward, optimizer, eval): allocated and reserved on CUDA, process RSS on
+    CPU (RSS peaks cannot be reset, so CPU reports one running peak)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.peaks: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        if self.cuda:
+            for kind, value in (("alloc", torch.cuda.max_memory_allocated(self.device)),
+                                ("reserved", torch.cuda.max_memory_reserved(self.device))):
+                key = f"mem/{name}_{kind}_gb"
+                self.peaks[key] = max(self.peaks.get(key, 0.0), value / GB)
+
+    def summary(self) -> dict[str, float]:
+        rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # Linux reports KiB
+        return {**{k: round(v, 3) for k, v in self.peaks.items()}, "mem/peak_rss_gb": round(rss_gb, 3)}
+
+
+class CudaSnapshot:
+    """Records allocator history from start() to stop() and dumps it for https://pytorch.org/memory_viz."""
+
+    def __init__(self, path, enabled: bool):
+        self.path = path
+        self.active = enabled and torch.cuda.is_available()
+
+    def start(self) -> None:
+        if self.active:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+
+    def stop(self) -> None:
+        if self.active:
+            torch.cuda.memory._dump_snapshot(str(self.path))
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.active = False
