@@ -105,6 +105,7 @@ class Run:
     log: runlog.RunLog
     model: torch.nn.Module  # the PEFT model: owns the adapters, saves them, decodes
     loss_model: torch.nn.Module  # TargetOnlyLoss around `model`, wrapped by DDP/FSDP: what the loop calls
+    trainable: list[torch.nn.Parameter]  # the adapters (FSDP's shards, once wrapped): what is clipped
     data: feed.TaskData
     sampler: feed.LengthBucketBatchSampler
     collate: feed.Collator
@@ -197,7 +198,8 @@ def setup(cfg: Config) -> Run:
     steps_per_epoch = math.ceil(len(sampler) / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs  # max_steps overrides epochs
     device_autocast = functools.partial(autocast, cfg.train.precision, accelerator.device.type)
-    run = Run(cfg, accelerator, parallel, log, model, loss_model, data, sampler, collate, optimizer,
+    trainable = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP swaps in shards
+    run = Run(cfg, accelerator, parallel, log, model, loss_model, trainable, data, sampler, collate, optimizer,
               optim.build_scheduler(optimizer, cfg.train, total_steps),
               parallel.grad_scaler(accelerator.device.type, enabled=cfg.train.precision == "fp16"),
               Validator(cfg.eval, data, data.fmt, collate, parallel, device_autocast, log.heartbeat),
@@ -303,8 +305,7 @@ def optimizer_step(run: Run) -> torch.Tensor:
     """Unscale, clip, step (skipped by the scaler on inf/NaN), schedule; returns the gradient norm before clipping."""
     with run.monitor.phase("optimizer"):
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
-        trainable = [p for p in run.model.parameters() if p.requires_grad]  # FSDP's shards, once wrapped
-        grad_norm = run.parallel.clip_grad_norm(trainable, run.cfg.train.max_grad_norm or math.inf)
+        grad_norm = run.parallel.clip_grad_norm(run.trainable, run.cfg.train.max_grad_norm or math.inf)
         scale = run.scaler.get_scale()
         run.scaler.step(run.optimizer)
         run.scaler.update()
