@@ -23,12 +23,20 @@ class Validator:
         self.parallel, self.autocast, self.heartbeat = parallel, autocast, heartbeat
         self.device = parallel.accelerator.device
 
+    @property
+    def scores_loss(self) -> bool:
+        return self.cfg.loss and self.data.val_dataset is not None and len(self.data.val_dataset) > 0
+
+    @property
+    def decodes(self) -> bool:
+        return self.cfg.decode and bool(self.data.val_examples)
+
     def describe(self) -> str:
         """What one evaluation does, for the line printed as it starts."""
         parts = []
-        if self.cfg.loss and self.data.val_dataset is not None and len(self.data.val_dataset):
+        if self.scores_loss:
             parts.append(f"loss on {len(self.data.val_dataset)} validation examples")
-        if self.cfg.decode and self.data.val_examples:
+        if self.decodes:
             parts.append(f"decoding {len(self.data.val_examples[:self.cfg.max_questions or None])} questions")
         return ", ".join(parts) or "nothing to evaluate (no validation poems)"
 
@@ -80,8 +88,8 @@ class Validator:
         """Metrics for the current weights; leaves the model in eval mode (the loop switches it back)."""
         metrics: dict[str, float] = {}
         loss_module.eval()
-        if self.cfg.loss and self.data.val_dataset is not None and len(self.data.val_dataset):
+        if self.scores_loss:
             metrics.update(self.loss(loss_module))
-        if self.cfg.decode and self.data.val_examples:
+        if self.decodes:
             metrics.update(self.decode(loss_module, model))
         return metrics
