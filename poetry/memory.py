@@ -14,7 +14,6 @@ import sys
 from dataclasses import dataclass
 
 from .config import Config, ConfigError, load_config
-from .precision import choose
 
 GB = 1024**3
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
@@ -63,10 +62,10 @@ class Shape:
 
 
 def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1) -> list[tuple[str, float, str]]:
-    """Rows of (what, GiB, how it was counted) for one process; `shards` > 1 is FSDP over that many processes."""
+    """Rows of (what, GiB, how it was counted) for one process; `shards` > 1 is FSDP over that many processes.
+    `cfg` comes from load_config, for `device`: no `auto` is left in it."""
     m, t = cfg.model, cfg.train
-    precision = choose(t.precision, device).value  # a config from load_config has no `auto` left; Config() may
-    weight_dtype = precision if m.dtype == "auto" else m.dtype
+    precision, weight_dtype = t.precision, m.dtype
     base = shape.layers * shape.block_params
     quant = "4bit+dq" if m.quantization == "4bit" and m.double_quant else m.quantization
     per_weight = QUANTIZED_BYTES.get(quant, WEIGHT_BYTES[weight_dtype])

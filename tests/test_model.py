@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from poetry.builtin.tiny import ARCHITECTURES, build_tiny
-from poetry.config import Config, LoraConfig, ModelConfig, TrainConfig, load_config
+from poetry.config import LoraConfig, ModelConfig, TrainConfig, load_config
 from poetry.loss import TargetOnlyLoss, full_logits_loss
 from poetry.memory import Shape, estimate
 from poetry.model import add_lora, load_model, trainable_parameters
@@ -182,7 +182,7 @@ def test_memory_estimate_counts_qwen25_7b_parameters():
 
 
 def test_memory_estimate_rows_follow_the_config():
-    cfg = Config()
+    cfg = load_config(None, [], device="cuda")  # auto: bf16, as on any card since Ampere
     bf16 = {what: gb for what, gb, _ in estimate(cfg, qwen25_7b_shape())}
     assert abs(bf16["base weights"] - 6.53e9 * 2 / 1024**3) < 0.2
     cfg4 = load_config(None, ["model.quantization=4bit"], device="cuda")
