@@ -23,7 +23,7 @@ from poetry.builtin import resolve_model_path
 from poetry.config import DataConfig, LoraConfig, ModelConfig
 from poetry.feed import Collator, TaskData
 from poetry.model import add_lora, load_model, load_tokenizer
-from poetry.precision import Choice, choose, cpu_flags, cpu_native_bf16
+from poetry.precision import Choice, choose, cpu_flags, cpu_native_bf16, cpuinfo_field
 from poetry.prompt import PromptFormat
 from poetry.quiet import quiet_libraries
 
@@ -90,16 +90,8 @@ def side_by_side(title: str, times: dict[str, list[float]], note: str = "") -> N
     console.print(table)
 
 
-def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            return value.strip()
-    return platform.processor() or platform.machine() or "unknown cpu"
+def cpu_model_name() -> str:
+    return cpuinfo_field(("model name",)) or platform.processor() or platform.machine() or "unknown cpu"
 
 
 def machine() -> dict:

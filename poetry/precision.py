@@ -34,17 +34,22 @@ def default_device(force_cpu: bool = False) -> str:
     return "cuda" if torch.cuda.is_available() and not force_cpu else "cpu"
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The first CPU's feature flags (x86 `flags`, Arm `Features`); empty where /proc/cpuinfo is absent."""
+def cpuinfo_field(names: tuple[str, ...], cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The first CPU's value of the first of `names` found in /proc/cpuinfo; None where it or the file is absent."""
     try:
         text = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+        if key.strip() in names:
+            return value.strip()
+    return None
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The first CPU's feature flags (x86 `flags`, Arm `Features`); empty where /proc/cpuinfo is absent."""
+    return set((cpuinfo_field(("flags", "Features"), cpuinfo) or "").split())
 
 
 @lru_cache(maxsize=1)
