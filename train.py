@@ -191,7 +191,7 @@ def setup(cfg: Config) -> Run:
     if resume:
         checkpoint.load_adapter(model, resume)  # before sharding: the saved tensors are whole
     parallel = Parallel(accelerator, cfg)
-    loss_model = parallel.wrap(TargetOnlyLoss(model))
+    loss_model = parallel.wrap(TargetOnlyLoss(model, cfg.train.loss_chunk_rows))
     data, sampler, collate = setup_data(cfg, tokenizer, accelerator, log)
 
     optimizer = optim.build_optimizer(model, cfg.train)  # over the (sharded) adapters, so after wrap

@@ -72,6 +72,10 @@ class TrainConfig:
     # bf16 (avx512_bf16/amx_bf16), else fp32 -- bf16 without it runs ~20x slower than fp32 (see poetry.precision)
     precision: Precision = "auto"
     optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw", "adamw"] = "paged_adamw_8bit"
+    # target rows whose logits exist at once in the loss (0 = all): less memory, more passes over lm_head's weight,
+    # the same maths. 512 on Gemma-3-270M, fp32, 2 CPU cores: the output layer's step memory 0.5 GB instead of
+    # 3.8 GB and 10% faster than all rows at once; 256 and 128 re-read the 671 MB weight so often they are slower
+    loss_chunk_rows: int = 512
     lr: float = 2e-4
     weight_decay: float = 0.0  # never applied to biases and norms
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -218,6 +222,9 @@ def validate(config: Config, device: str = "cpu", processes: int = 1) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if t.loss_chunk_rows < 0:
+        raise ConfigError(f"train.loss_chunk_rows: must be 0 (all target rows at once) or positive, "
+                          f"got {t.loss_chunk_rows}")
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {config.data.val_fraction}")
     if t.lr <= 0:

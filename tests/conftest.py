@@ -22,6 +22,15 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """A tiny random-init model of each architecture poetry.builtin.tiny builds: {arch: directory}."""
+    from poetry.builtin.tiny import ARCHITECTURES, build_tiny
+
+    root = tmp_path_factory.mktemp("archs")
+    return {arch: build_tiny(root / arch, arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
 def few_poems(tmp_path_factory):
     """Eight sample poems as one JSON list: ~20 questions, a few seconds per run."""
     from poetry.data import load_poems

@@ -5,19 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from poetry.builtin.tiny import ARCHITECTURES, build_tiny
+from poetry.builtin.tiny import ARCHITECTURES
 from poetry.config import LoraConfig, ModelConfig, TrainConfig, load_config
 from poetry.loss import TargetOnlyLoss, full_logits_loss
 from poetry.memory import Shape, estimate
 from poetry.model import add_lora, load_model, trainable_parameters
 from poetry.optim import build_optimizer, build_scheduler, lr_lambda, parameter_groups
 from poetry.prompt import IGNORE_INDEX
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("archs")
-    return {arch: build_tiny(root / arch, arch) for arch in ARCHITECTURES}
 
 
 def lora_model(path, dropout=0.0, **model_kwargs):
