@@ -14,16 +14,29 @@ def run(script: str, *args: str) -> str:
     return result.stdout
 
 
-def test_loss_benchmark_compares_equal_losses(tiny_model_dir):
-    out = run("loss.py", "--model", str(tiny_model_dir), "--batch-size", "2", "--dtype", "fp32")
-    assert "full logits" in out and "target-only logits" in out
-    full, target = re.search(r"loss: full ([\d.]+), target-only ([\d.]+)", out).groups()
-    assert full == target
+def test_loss_benchmark_compares_equal_losses_and_saves_the_memory(tiny_model_dir, tmp_path):
+    # the full logits' agreement is tests/test_loss.py's; each method here costs a process of its own
+    out = run("loss.py", "--config", "configs/tiny.yaml", "--model", str(tiny_model_dir), "--batch-size", "1",
+              "--methods", "target", "chunked", "--dtype", "fp32", "--results-dir", str(tmp_path))
+    assert "target-only logits" in out and "target-only, chunks of 512 rows" in out and "peak RSS GB" in out
+    target, chunked = map(float, re.search(r"loss: target ([\d.]+), chunked ([\d.]+)", out).groups())
+    assert abs(chunked - target) <= 1e-5 * target
+    [saved] = tmp_path.glob("loss-*.json")
+    memory = json.loads(saved.read_text(encoding="utf-8"))["memory"]
+    assert memory.keys() == {"target", "chunked"}
+    assert 0 < memory["chunked"]["step_gb"] < memory["target"]["step_gb"] < memory["target"]["peak_rss_gb"]
 
 
-def test_decode_benchmark_gives_identical_answers_in_fp32(tiny_model_dir):
-    out = run("decode.py", "--model", str(tiny_model_dir), "--count", "2", "--max-new-tokens", "2", "--dtype", "fp32")
-    assert "naive (no cache)" in out and "identical answers: 2 of 2" in out
+def test_decode_benchmark_gives_identical_answers_in_fp32_and_saves_the_numbers(tiny_model_dir, tmp_path):
+    out = run("decode.py", "--model", str(tiny_model_dir), "--count", "2", "--max-new-tokens", "2", "--dtype", "fp32",
+              "--threads", "1", "--naive", "--baseline", str(ROOT / "poetry" / "decode.py"),
+              "--results-dir", str(tmp_path))
+    assert "free: generate + parser" in out and out.count("identical answers: 2 of 2") == 2  # naive and baseline
+    [saved] = tmp_path.glob("decode-*.json")
+    results = json.loads(saved.read_text(encoding="utf-8"))["results"]
+    assert results["constrained"]["quality"] == {"valid": 1.0, "non_empty": 1.0, "positional": 1.0, "letter": 1.0,
+                                                 "clean": 1.0}
+    assert {name: len(result["seconds"]) for name, result in results.items()} == dict.fromkeys(results, 1)
 
 
 def test_precision_benchmark_times_fp32_against_bf16_and_saves_the_numbers(tiny_model_dir, tmp_path):

@@ -1,16 +1,21 @@
 """Constrained decoding: forced ids equal the training target's, batched KV-cache decoding equals a naive reference
-(base, LoRA and merged models), every answer schema-valid; the free-text parser repairs broken outputs."""
+(every model family, base, LoRA and merged models), forced runs cost no forward of their own, every answer
+schema-valid; the free-text parser repairs broken outputs."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
+from poetry import decode
+from poetry.builtin.tiny import ARCHITECTURES, build_tiny
 from poetry.config import LoraConfig, ModelConfig
 from poetry.data import Answer, Question, check_submission, load_answers, load_questions
 from poetry.decode import (
     Skeleton,
     UnsupportedTokenizer,
     _AnswerState,
+    _batches,
     _vocab,
     closing_quote,
     decode_constrained,
@@ -59,7 +64,7 @@ def run_state(fmt, question: Question, logits_for, max_new_tokens: int = 10_000)
     state = _AnswerState(question, fmt, vocab, option_letter_ids(fmt) if question.choose else [], max_new_tokens)
     state.start()
     while not state.done:
-        state.step(logits_for(state))
+        state.advance(logits_for(state))
     return state
 
 
@@ -196,6 +201,98 @@ def test_batched_kv_cache_decoding_equals_the_naive_reference(model, fmt, sample
     for d in batched:
         assert sum(torch.tensor(list(d.option_logprobs.values())).exp()) == pytest.approx(1.0)
         assert d.answer.choose_id == max(d.option_logprobs, key=d.option_logprobs.get)
+
+
+WINDOW = 24  # Gemma's sliding window in the family test: prompts are ~10x longer
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    """A tiny model of each family; Gemma-3 with a sliding-window layer and a full-attention one."""
+    root = tmp_path_factory.mktemp("families")
+    models = {}
+    for arch in ARCHITECTURES:
+        path = build_tiny(root / arch, arch)
+        if arch == "gemma3":
+            config_file = path / "config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config |= {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": WINDOW}
+            config_file.write_text(json.dumps(config), encoding="utf-8")
+        models[arch] = load_model(ModelConfig(path=str(path), dtype="fp32"), for_training=False)
+    return models
+
+
+def mixed_questions(sample: list[Question]) -> list[Question]:
+    """Prompts of different lengths, different numbers and lengths of keys (so rows wait for each other), and
+    several questions on one poem (they share its prompt)."""
+    first, second, third = sample[:3]
+    return [first, replace(first, idx=100, qa_words=first.qa_words[:1], qa_sents=(), choose={}),
+            second, replace(second, idx=101, qa_words=()), replace(second, idx=102, qa_words=(), qa_sents=()),
+            third, QUESTION]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_batched_decoding_equals_the_naive_reference_in_every_family(family_models, fmt, sample_questions, arch,
+                                                                    monkeypatch):
+    model, questions = family_models[arch], mixed_questions(sample_questions)
+    followers = []
+
+    def recorded(rows):
+        followers.extend(found := share(rows))
+        return found
+
+    share = decode._shared_prompts
+    monkeypatch.setattr(decode, "_shared_prompts", recorded)
+    batched = decode_constrained(model, fmt, questions, batch_size=4, max_new_tokens=4)
+    assert_same(batched, decode_naive(model, fmt, questions, max_new_tokens=4))
+    assert len(followers) == 3  # both other questions on the second poem, the one on the first
+
+
+def test_gemmas_window_is_shorter_than_the_prompts_and_counts_cache_slots(family_models, fmt, sample_questions):
+    """Why a row never has padding in its middle: masked slots still count toward Gemma's sliding window (it is
+    measured in cache slots, not positions), so a row with a hole would see fewer real tokens than alone."""
+    model = family_models["gemma3"]
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    ids = fmt.prompt_ids(sample_questions[0])
+    assert len(ids) > 5 * WINDOW
+    hole = 8  # masked slots, WINDOW - 4 tokens before the end
+    holed = ids[:-WINDOW + 4] + [0] * hole + ids[-WINDOW + 4:]
+    mask = [1] * (len(ids) - WINDOW + 4) + [0] * hole + [1] * (WINDOW - 4)
+
+    def last_logits(tokens, attention):
+        attention = torch.tensor([attention])
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=torch.tensor([tokens]), attention_mask=attention, position_ids=positions,
+                     logits_to_keep=1).logits[0, -1]
+
+    with torch.no_grad():
+        alone, with_hole = last_logits(ids, [1] * len(ids)), last_logits(holed, mask)
+        assert not torch.allclose(alone, with_hole, atol=1e-4)
+        model.config.sliding_window = 4 * len(ids)
+        try:  # with a window longer than the row, the hole is invisible: the window alone made the difference
+            assert torch.allclose(last_logits(ids, [1] * len(ids)), last_logits(holed, mask), atol=1e-4)
+        finally:
+            model.config.sliding_window = WINDOW
+
+
+def test_a_forced_run_costs_no_forward_of_its_own(model, fmt, sample_questions, monkeypatch):
+    """One forward per choice the model makes (a value's token, the letter), whatever the length of the forced
+    skeleton between choices."""
+    forwards, choices = [], []
+    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    advance = _AnswerState.advance
+    monkeypatch.setattr(_AnswerState, "advance", lambda state, logits: choices.append(1) or advance(state, logits))
+    try:
+        decode_constrained(model, fmt, sample_questions[:1], batch_size=1, max_new_tokens=3)
+    finally:
+        hook.remove()
+    forced = len(fmt.text_ids("".join(Skeleton.of(sample_questions[0]).pieces)))
+    assert len(forwards) == len(choices) < forced
+
+
+def test_questions_on_one_poem_share_a_batch():
+    assert _batches([5, 9, 7, 8], 2) == [[1, 3], [2, 0]]
+    assert _batches([5, 9, 7, 8], 2, ["a", "b", "b", "a"]) == [[1, 2], [3, 0]]  # the poem of the longest first
 
 
 def test_lora_and_merged_models_decode_alike(tiny_model_dir, fmt, sample_questions):
