@@ -14,7 +14,7 @@ RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 endif
 DEMO_FLAGS ?=
 
-.PHONY: install install-demo lint test test-slow demo clean
+.PHONY: install install-demo lint test test-slow bench demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,16 @@ test: lint
 
 test-slow: install-demo
 	$(BIN)/python -m pytest -q -m slow
+
+# The CPU benchmarks (bench/README.md): parity and speed against HF Trainer, padding, the chunked loss and the decoder
+# on Gemma-3-270M, and the GPU script's CPU smoke run. Each saves its JSON under bench/results/.
+bench: install-demo
+	$(BIN)/python bench/trainer.py parity
+	$(BIN)/python bench/trainer.py speed --config configs/tiny.yaml --steps 8
+	$(BIN)/python bench/trainer.py padding data.train=$(DATA)
+	$(BIN)/python bench/loss.py --config configs/demo.yaml --methods target chunked --repeats 1
+	$(BIN)/python bench/decode.py --threads 1 --repeats 1
+	$(BIN)/python bench/gpu.py --cpu-smoke
 
 # The whole product on the real pretrained Gemma-3-270M, through the same CLIs a researcher uses: fine-tune, then
 # answer the held-out validation questions with and without the adapter, then score both side by side.
