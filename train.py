@@ -117,6 +117,7 @@ class Run:
     checkpoints: Path
     total_steps: int
     save_every: int
+    process_gb: float | None = None  # on CPU, resident memory before the weights: the memory estimate's constant
     state: TrainState = dataclasses.field(default_factory=TrainState)
     pace: Pace = dataclasses.field(default_factory=Pace)
 
@@ -156,18 +157,25 @@ def setup_processes(cfg: Config) -> tuple[Accelerator, runlog.RunLog, Path | Non
     return accelerator, log, resume
 
 
-def setup_model(cfg: Config, accelerator: Accelerator, log: runlog.RunLog):
-    """(tokenizer, PEFT model): a frozen base and fp32 LoRA adapters, on this process's device."""
+def setup_tokenizer(cfg: Config, accelerator: Accelerator):
+    """(the model's local directory, its tokenizer)."""
     with accelerator.main_process_first():  # a builtin:NAME model is built once, by rank 0
         path = resolve_model_path(cfg.model.path)
-    model_cfg = dataclasses.replace(cfg.model, path=path)
+    return path, load_tokenizer(path, cfg.model.trust_remote_code)
+
+
+def setup_model(cfg: Config, path: str, accelerator: Accelerator, log: runlog.RunLog):
+    """(PEFT model, this process's resident GB before the weights on CPU): a frozen base and fp32 LoRA adapters, on
+    this process's device, after the memory estimate."""
+    device = accelerator.device.type
+    process_gb = memory.process_rss_gb() if device == "cpu" else None  # the estimate's measured constant
     shards = accelerator.num_processes if cfg.train.fsdp else 1
-    log.print(memory.estimate_table(cfg, path, device=accelerator.device.type, shards=shards)[0])
-    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-    model = add_lora(load_model(model_cfg, accelerator.device), cfg.lora)
+    log.print(memory.estimate_table(cfg, path, device=device, shards=shards, process_gb=process_gb)[0])
+    set_seed(cfg.train.seed)  # the same LoRA init on every rank
+    model = add_lora(load_model(dataclasses.replace(cfg.model, path=path), accelerator.device), cfg.lora)
     trainable, total = trainable_parameters(model)
     log.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    return tokenizer, model
+    return model, process_gb
 
 
 def setup_data(cfg: Config, tokenizer, accelerator: Accelerator, log: runlog.RunLog):
@@ -186,13 +194,13 @@ def setup(cfg: Config) -> Run:
     check_inputs(cfg)  # a wrong path fails now, not after minutes of loading a model
     quiet_libraries()
     accelerator, log, resume = setup_processes(cfg)
-    set_seed(cfg.train.seed)  # the same LoRA init on every rank
-    tokenizer, model = setup_model(cfg, accelerator, log)
+    path, tokenizer = setup_tokenizer(cfg, accelerator)
+    data, sampler, collate = setup_data(cfg, tokenizer, accelerator, log)  # first: in the estimate's constant
+    model, process_gb = setup_model(cfg, path, accelerator, log)
     if resume:
         checkpoint.load_adapter(model, resume)  # before sharding: the saved tensors are whole
     parallel = Parallel(accelerator, cfg)
     loss_model = parallel.wrap(TargetOnlyLoss(model, cfg.train.loss_chunk_rows))
-    data, sampler, collate = setup_data(cfg, tokenizer, accelerator, log)
 
     optimizer = optim.build_optimizer(model, cfg.train)  # over the (sharded) adapters, so after wrap
     steps_per_epoch = math.ceil(len(sampler) / cfg.train.grad_accum)
@@ -204,7 +212,7 @@ def setup(cfg: Config) -> Run:
               parallel.grad_scaler(accelerator.device.type, enabled=cfg.train.precision == "fp16"),
               Validator(cfg.eval, data, data.fmt, collate, parallel, device_autocast, log.heartbeat),
               profiling.MemoryMonitor(accelerator.device), checkpoints=log.dir / "checkpoints", total_steps=total_steps,
-              save_every=cfg.train.save_every or math.ceil(total_steps / SAVES_PER_RUN))
+              save_every=cfg.train.save_every or math.ceil(total_steps / SAVES_PER_RUN), process_gb=process_gb)
     if resume:
         restore(run, resume)
     return run

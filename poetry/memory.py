@@ -2,16 +2,23 @@
 
     python -m poetry.memory --config configs/qwen2.5-7b-lora.yaml [section.key=value ...] [--budget-gb 32]
 
+    python -m poetry.memory --config configs/demo.yaml --device cpu
+
 The estimate reads only config.json and adds up weights (by dtype or quantization), LoRA parameters, their
-gradients and optimizer state, activations (with or without checkpointing) for the worst-case micro-batch, and
-target-only logits. Activation figures are first-order (the tensors a decoder layer saves for backward), so treat
-the total as a planning number and check it with the measured peaks (metrics.jsonl, mem/*).
+gradients and optimizer state, activations (with or without checkpointing) for the worst-case micro-batch, and the
+output layer (the target rows, and one chunk's logits at a time). Activations are the tensors autograd keeps per
+token in one decoder layer, counted tensor by tensor (tests/test_memory.py holds the count to what autograd saves on
+each model family). On a CPU the process itself is a measured constant: the resident memory of Python, torch,
+transformers, PEFT and the tokenizer, read from this process once they are loaded and before any weight is.
+bench/memory.py compares the total with the measured peak of a training step.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import Config, ConfigError, load_config
 
@@ -23,6 +30,8 @@ QUANTIZED_BYTES = {"8bit": 1.0 + 4 / 4096, "4bit": 0.5 + 4 / 64, "4bit+dq": 0.5 
 OPTIMIZER_BYTES = {"adamw": 8.0, "paged_adamw": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0}
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CUDA_OVERHEAD_GB = 0.8  # CUDA context, cuBLAS workspace, allocator fragmentation: measured 0.5-1 GB typically
+QK_NORM_MODELS = {"qwen3", "qwen3_moe", "gemma3", "gemma3_text"}  # an RMSNorm on each head's queries and keys
+SANDWICH_NORM_MODELS = {"gemma2", "gemma3", "gemma3_text"}  # norms after attention and MLP as well as before
 
 
 @dataclass(frozen=True)
@@ -35,16 +44,21 @@ class Shape:
     kv_heads: int
     head_dim: int
     tied: bool
+    qk_norm: bool = False
+    sandwich_norms: bool = False
+    softcap: bool = False  # Gemma's cap * tanh(logits / cap): a second logits buffer in the loss
 
     @classmethod
     def from_config(cls, config) -> "Shape":
         config = getattr(config, "text_config", config)
-        heads = config.num_attention_heads
+        heads, model_type = config.num_attention_heads, config.model_type
         return cls(vocab=config.vocab_size, hidden=config.hidden_size, layers=config.num_hidden_layers,
                    intermediate=config.intermediate_size, heads=heads,
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                    head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+                   tied=bool(getattr(config, "tie_word_embeddings", False)),
+                   qk_norm=model_type in QK_NORM_MODELS, sandwich_norms=model_type in SANDWICH_NORM_MODELS,
+                   softcap=bool(getattr(config, "final_logit_softcapping", None)))
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer in one decoder block (gated MLP, grouped-query attention)."""
@@ -60,32 +74,60 @@ class Shape:
     def embedding_params(self) -> int:
         return self.vocab * self.hidden * (1 if self.tied else 2)
 
+    def saved_per_token(self, lora_targets: list[str], r: int, dropout: bool, seq_len: int) -> int:
+        """Elements autograd keeps for backward per token in one LoRA-wrapped decoder layer (sdpa attention, padded
+        batches): exact to 2% with adapters on every linear layer, an overestimate of up to 25% with fewer."""
+        h, i, heads, kv_heads = self.hidden, self.intermediate, self.heads, self.kv_heads
+        q, k = heads * self.head_dim, kv_heads * self.head_dim
+        # the residual stream and the norms' outputs (4h) and 1/rms (2), the rotated queries, the keys and values
+        # repeated to every query head and the attention output (4q), its log-sum-exp (heads), the MLP's gate, up,
+        # activation and product (4i), each adapter's r-wide bottleneck, and the attention mask's row
+        saved = 4 * h + 2 + 4 * q + heads + 4 * i + r * len(lora_targets) + seq_len
+        if self.qk_norm:
+            saved += q + k + heads + kv_heads  # the heads' inputs to their norms, and the norms' 1/rms
+        if self.sandwich_norms:
+            saved += 2 * h + 2
+        if dropout:
+            saved += self.dropout_saved(lora_targets)
+        return saved
 
-def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1) -> list[tuple[str, float, str]]:
+    def dropout_saved(self, lora_targets: list[str]) -> int:
+        """What LoRA dropout adds per token, as autograd's saved-tensor hooks count it: n adapters reading one input
+        of width d keep (2n - 1) d more, and an adapter on o_proj one more copy of its input."""
+        widths: dict[str, list[int]] = {}
+        for name in lora_targets:  # adapters reading one input: q/k/v the attention norm's, gate/up the MLP norm's
+            group = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(name, name)
+            widths.setdefault(group, []).append(self.linears()[name][0])
+        extra = sum((2 * len(group) - 1) * group[0] for group in widths.values())
+        return extra + (self.heads * self.head_dim if "o_proj" in lora_targets else 0)
+
+
+def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1, *, batch: tuple[int, int] | None = None,
+             targets: int | None = None, process_gb: float | None = None) -> list[tuple[str, float, str]]:
     """Rows of (what, GiB, how it was counted) for one process; `shards` > 1 is FSDP over that many processes.
-    `cfg` comes from load_config, for `device`: no `auto` is left in it."""
+    `cfg` comes from load_config, for `device`: no `auto` is left in it. `batch` (sequences, padded length) and its
+    `targets` default to the config's worst case: full micro-batches of data.max_len, half of it answer tokens.
+    On a CPU, `process_gb` is the measured resident memory of the process before the weights (process_rss_gb)."""
     m, t = cfg.model, cfg.train
-    precision, weight_dtype = t.precision, m.dtype
+    weight_dtype = m.dtype
     base = shape.layers * shape.block_params
     quant = "4bit+dq" if m.quantization == "4bit" and m.double_quant else m.quantization
     per_weight = QUANTIZED_BYTES.get(quant, WEIGHT_BYTES[weight_dtype])
-    targets = shape.linears() if cfg.lora.target_modules == ["all-linear"] else \
-        {k: v for k, v in shape.linears().items() if k in cfg.lora.target_modules}
-    lora = shape.layers * sum(cfg.lora.r * (a + b) for a, b in targets.values())
-    act_bytes = 2.0 if precision != "fp32" else 4.0
-    tokens = t.micro_batch_size * cfg.data.max_len if not t.max_tokens_per_batch else t.max_tokens_per_batch
-    h, i = shape.hidden, shape.intermediate
-    kv = 2 * shape.kv_heads * shape.head_dim
-    # saved for backward per token and layer: norm outputs, q/k/v, attention output, MLP gate/up/act/product,
-    # and the dropout-masked inputs of each LoRA-wrapped linear
-    per_layer = act_bytes * (6 * h + kv + 4 * i + len(targets) * h)
+    names = list(LINEAR_NAMES) if cfg.lora.target_modules == ["all-linear"] else \
+        [name for name in LINEAR_NAMES if name in cfg.lora.target_modules]
+    lora = shape.layers * sum(cfg.lora.r * sum(shape.linears()[name]) for name in names)
+    act_bytes = WEIGHT_BYTES[t.precision]
+    sequences, seq_len = batch or (t.micro_batch_size, cfg.data.max_len)
+    tokens = sequences * seq_len if batch or not t.max_tokens_per_batch else t.max_tokens_per_batch
+    targets = tokens // 2 if targets is None else targets
+    per_layer = act_bytes * shape.saved_per_token(names, cfg.lora.r, cfg.lora.dropout > 0, seq_len)
     if m.gradient_checkpointing:
-        activations = tokens * (shape.layers * act_bytes * h + per_layer)  # layer inputs + one layer recomputed
-        how = f"{tokens} tokens; checkpointed: layer inputs + one layer"
+        activations = tokens * (shape.layers * act_bytes * shape.hidden + per_layer)  # layer inputs + one layer
+        how = f"{tokens} tokens; checkpointed: layer inputs + one layer recomputed"
     else:
         activations = tokens * shape.layers * per_layer
-        how = f"{tokens} tokens x {shape.layers} layers"
-    logits = (tokens // 2) * shape.vocab * 12  # fp32 logits, softmax and grad for ~half the tokens (targets)
+        how = f"{tokens} tokens x {shape.layers} layers x {per_layer / 1024:.0f} KiB"
+    output_layer, output_how = output_layer_bytes(shape, targets, t.loss_chunk_rows, act_bytes)
     what = f"{base / 1e9:.2f}B params, {quant if quant != 'none' else weight_dtype}"
     rows = [("base weights", base * per_weight / GB, what)] if shards == 1 else [
         ("base weights (FSDP shard)", base * per_weight / shards / GB, f"{what} / {shards} processes"),
@@ -100,20 +142,50 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1) -
         ("LoRA gradients (fp32)", lora * 4 / GB, ""),
         ("optimizer state", lora * OPTIMIZER_BYTES[t.optimizer] / GB, t.optimizer),
         ("activations", activations / GB, how),
-        ("target-only logits", logits / GB, f"~{tokens // 2} target tokens x {shape.vocab} vocab, fp32"),
+        ("output layer", output_layer / GB, output_how),
     ]
     if device == "cuda":
         rows.append(("CUDA context + allocator", CUDA_OVERHEAD_GB, "typical"))
+    elif process_gb is not None:
+        rows.append(("process before the weights", process_gb, "measured: Python, torch, transformers, PEFT, "
+                                                               "tokenizer"))
     return rows
 
 
-def estimate_table(cfg: Config, model_path: str, budget_gb: float = 32.0, device: str = "cuda", shards: int = 1):
+def output_layer_bytes(shape: Shape, targets: int, chunk_rows: int, act_bytes: float) -> tuple[float, str]:
+    """(bytes, how) of poetry.loss: the gathered target rows and their gradient, and the fp32 logits of one chunk
+    (a second buffer under Gemma's softcap, and the matmul's own output when it runs in bf16/fp16) or, unchunked,
+    the logits, log-softmax and gradient of all target rows."""
+    rows = 2 * targets * shape.hidden * act_bytes
+    if not chunk_rows:
+        return rows + targets * shape.vocab * 12, f"{targets} target rows x {shape.vocab} ids, fp32, unchunked"
+    buffers = 4 * (2 if shape.softcap else 1) + (act_bytes if act_bytes != 4 else 0)
+    chunk = min(chunk_rows, targets)
+    return rows + chunk * shape.vocab * buffers, f"{targets} target rows; logits of {chunk} at a time"
+
+
+def process_rss_gb() -> float:
+    """This process's resident memory once the training stack is imported: what a run holds before any weight."""
+    import peft  # noqa: F401  (imported by every run; counted here too)
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    status = Path("/proc/self/status")
+    if status.exists():
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", status.read_text(), re.MULTILINE).group(1)) * 1024 / GB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / GB  # macOS reports bytes (and the peak)
+
+
+def estimate_table(cfg: Config, model_path: str, budget_gb: float = 32.0, device: str = "cuda", shards: int = 1,
+                   process_gb: float | None = None):
     """The estimate as a table, and its total; `model_path` is cfg.model.path resolved (builtin:NAME built)."""
     from rich.table import Table
     from transformers import AutoConfig
 
     shape = Shape.from_config(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code))
-    rows = estimate(cfg, shape, device, shards)
+    rows = estimate(cfg, shape, device, shards, process_gb=process_gb)
     total = sum(gb for _, gb, _ in rows)
     per_process = f", per process of {shards} (FSDP)" if shards > 1 else ""
     table = Table(title=f"memory estimate ({device}{per_process}): {model_path}")
@@ -131,7 +203,10 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="training config (YAML)")
     parser.add_argument("--budget-gb", type=float, default=32.0,
-                        help="GPU memory to fit in, GiB (default: %(default)s)")
+                        help="memory to fit in, GiB (default: %(default)s)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="the run to plan; cpu also measures this process with the tokenizer loaded "
+                             "(default: %(default)s)")
     parser.add_argument("--processes", type=int, default=1,
                         help="with train.fsdp=true: how many processes share the model (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
@@ -142,13 +217,19 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from .builtin import resolve_model_path
+    from .model import load_tokenizer
 
     args = _parser().parse_args(argv)
     try:
-        # The estimate is of a CUDA run, so `auto` precision is fitted to a GPU even where this machine has none
-        cfg = load_config(args.config, args.overrides, device="cuda", processes=args.processes)
+        # `auto` precision is fitted to the planned device: a GPU's even where this machine has none
+        cfg = load_config(args.config, args.overrides, device=args.device, processes=args.processes)
         model_path = resolve_model_path(cfg.model.path)  # builds builtin:NAME; one line for a missing path
-        table, _ = estimate_table(cfg, model_path, args.budget_gb, shards=args.processes if cfg.train.fsdp else 1)
+        process_gb = None
+        if args.device == "cpu":
+            load_tokenizer(model_path, cfg.model.trust_remote_code)  # as train.py holds it when it measures
+            process_gb = process_rss_gb()
+        table, _ = estimate_table(cfg, model_path, args.budget_gb, args.device,
+                                  args.processes if cfg.train.fsdp else 1, process_gb)
     except (ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -53,3 +53,19 @@ def test_precision_benchmark_times_fp32_against_bf16_and_saves_the_numbers(tiny_
     result = json.loads(saved.read_text(encoding="utf-8"))
     assert result["machine"]["cpu"] and result["auto"]["value"] == auto
     assert {dtype: len(seconds) for dtype, seconds in result["results"][0]["seconds"].items()} == {"fp32": 1, "bf16": 1}
+
+
+def test_memory_benchmark_sets_the_estimate_against_a_measured_peak(tiny_model_dir, few_poems, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--configs", "configs/tiny.yaml",
+                             "--variant", "checkpointed:model.gradient_checkpointing=true", "--results-dir",
+                             str(tmp_path), f"model.path={tiny_model_dir}", f"data.train={few_poems}",
+                             "train.precision=fp32"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "estimate / peak" in result.stdout
+    [saved] = tmp_path.glob("memory-*.json")
+    runs = json.loads(saved.read_text(encoding="utf-8"))["runs"]
+    assert runs.keys() == {"tiny", "tiny checkpointed"}
+    for measured in runs.values():
+        assert 0 < measured["process_gb"] < measured["rss_before_step_gb"] < measured["peak_rss_gb"]
+        assert measured["estimate_rows"]["process before the weights"] == measured["process_gb"]
+        assert measured["estimate_gb"] > measured["process_gb"]
