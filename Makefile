@@ -47,12 +47,14 @@ test-slow: install-demo
 	$(BIN)/python -m pytest -q -m slow
 
 # The CPU benchmarks (bench/README.md): parity and speed against HF Trainer, padding, the chunked loss and the decoder
-# on Gemma-3-270M, and the GPU script's CPU smoke run. Each saves its JSON under bench/results/.
+# on Gemma-3-270M, poetry.memory's estimate against measured peaks, and the GPU script's CPU smoke run. Each saves
+# its JSON under bench/results/.
 bench: install-demo
 	$(BIN)/python bench/trainer.py parity
 	$(BIN)/python bench/trainer.py speed --config configs/tiny.yaml --steps 8
 	$(BIN)/python bench/trainer.py padding data.train=$(DATA)
 	$(BIN)/python bench/loss.py --config configs/demo.yaml --methods target chunked --repeats 1
+	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/decode.py --threads 1 --repeats 1
 	$(BIN)/python bench/gpu.py --cpu-smoke
 
