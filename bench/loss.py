@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -39,10 +38,10 @@ from bench.common import (  # noqa: E402
 from poetry.config import load_config  # noqa: E402
 from poetry.feed import Collator, TaskData, target_tokens  # noqa: E402
 from poetry.loss import TargetOnlyLoss, full_logits_loss  # noqa: E402
+from poetry.profiling import proc_status_gb  # noqa: E402
 from poetry.prompt import PromptFormat  # noqa: E402
 
 METHODS = ("full", "target", "chunked")
-GB = 1024**3
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,8 +69,12 @@ def longest_batch(tokenizer, cfg, batch_size: int) -> dict[str, torch.Tensor]:
     """The `batch_size` longest training examples of epoch 0, collated: the micro-batch of a run's peak memory (the
     length-bucketing sampler puts them together)."""
     examples = TaskData(cfg.data, PromptFormat(tokenizer), cfg.train.seed).train_epoch(0)
+    return longest_of(examples, Collator(tokenizer.pad_token_id), batch_size)
+
+
+def longest_of(examples, collate, batch_size: int) -> dict[str, torch.Tensor]:
     longest = sorted(range(len(examples)), key=lambda i: examples[i]["length"])[-batch_size:]
-    return Collator(tokenizer.pad_token_id)(examples[longest])
+    return collate(examples[longest])
 
 
 def labels(chunk_rows: int) -> dict[str, str]:
@@ -98,11 +101,6 @@ def micro_steps(args: argparse.Namespace):
         return run
 
     return {name: step(name) for name in args.methods}, batch, losses
-
-
-def proc_status_gb(field: str) -> float:
-    kib = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1)
-    return int(kib) * 1024 / GB
 
 
 def measure_memory(args: argparse.Namespace) -> None:

@@ -26,7 +26,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS_DIR, console, write_results  # noqa: E402
-from bench.loss import proc_status_gb  # noqa: E402
+from bench.loss import longest_of  # noqa: E402
+from poetry.profiling import proc_status_gb  # noqa: E402
 
 DEFAULT_CONFIGS = ["configs/tiny.yaml", "configs/demo.yaml"]
 
@@ -53,9 +54,7 @@ def measure(config: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(config, [*overrides, f"log.dir={run_dir}", "eval.at_start=false"], device="cpu")
         run = train.setup(cfg)
-        examples = run.data.train_epoch(0)
-        longest = sorted(range(len(examples)), key=lambda i: examples[i]["length"])[-cfg.train.micro_batch_size:]
-        batch = run.collate(examples[longest])
+        batch = longest_of(run.data.train_epoch(0), run.collate, cfg.train.micro_batch_size)
         before_step_gb = proc_status_gb("VmRSS")
         seconds = [optimizer_step(run, batch) for _ in range(2)]
         run.log.close()

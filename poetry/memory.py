@@ -15,7 +15,6 @@ bench/memory.py compares the total with the measured peak of a training step.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +93,10 @@ class Shape:
     def dropout_saved(self, lora_targets: list[str]) -> int:
         """What LoRA dropout adds per token, as autograd's saved-tensor hooks count it: n adapters reading one input
         of width d keep (2n - 1) d more, and an adapter on o_proj one more copy of its input."""
-        widths: dict[str, list[int]] = {}
+        linears, widths = self.linears(), {}
         for name in lora_targets:  # adapters reading one input: q/k/v the attention norm's, gate/up the MLP norm's
             group = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(name, name)
-            widths.setdefault(group, []).append(self.linears()[name][0])
+            widths.setdefault(group, []).append(linears[name][0])
         extra = sum((2 * len(group) - 1) * group[0] for group in widths.values())
         return extra + (self.heads * self.head_dim if "o_proj" in lora_targets else 0)
 
@@ -148,7 +147,7 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1, *
         rows.append(("CUDA context + allocator", CUDA_OVERHEAD_GB, "typical"))
     elif process_gb is not None:
         rows.append(("process before the weights", process_gb, "measured: Python, torch, transformers, PEFT, "
-                                                               "tokenizer"))
+                                                               "tokenizer (train.py: and the data)"))
     return rows
 
 
@@ -167,12 +166,12 @@ def output_layer_bytes(shape: Shape, targets: int, chunk_rows: int, act_bytes: f
 def process_rss_gb() -> float:
     """This process's resident memory once the training stack is imported: what a run holds before any weight."""
     import peft  # noqa: F401  (imported by every run; counted here too)
-    import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    status = Path("/proc/self/status")
-    if status.exists():
-        return int(re.search(r"^VmRSS:\s+(\d+) kB", status.read_text(), re.MULTILINE).group(1)) * 1024 / GB
+    from .profiling import proc_status_gb  # imports torch
+
+    if Path("/proc/self/status").exists():
+        return proc_status_gb("VmRSS")
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / GB  # macOS reports bytes (and the peak)

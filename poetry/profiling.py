@@ -2,12 +2,20 @@
 history for --profile-memory. The estimate made before a run is poetry.memory's."""
 from __future__ import annotations
 
+import re
 import resource
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 GB = 1024**3
+
+
+def proc_status_gb(field: str) -> float:
+    """A memory field of /proc/self/status in GiB (Linux): VmRSS now, VmHWM the peak since start or clear_refs."""
+    kib = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1)
+    return int(kib) * 1024 / GB
 
 
 class MemoryMonitor:
