@@ -1,4 +1,7 @@
 """`python -m poetry.data`: stats and export-val."""
+import json
+import re
+
 from poetry.data import check_submission, load_answers, load_poems, load_questions, split_poems
 from poetry.data.__main__ import main
 
@@ -9,6 +12,18 @@ def test_stats_prints_counts(capsys):
     assert main(["stats", str(SAMPLE / "train-data")]) == 0
     out = capsys.readouterr().out
     assert "poems aligned by sentence marks" in out and "loaded 59 poems" in out
+
+
+def test_stats_print_the_shared_character_rate_of_the_options_against_the_official_one(tmp_path, capsys):
+    alike = [{"title": f"t{i}", "content": "甲句，乙句。", "keywords": {}, "trans": "译文。", "emotion": emotion}
+             for i, emotion in enumerate(["思乡", "思念", "乡愁", "喜悦", "平静", "愤慨"])]
+    path = tmp_path / "poems.json"
+    path.write_text(json.dumps(alike, ensure_ascii=False), encoding="utf-8")
+    assert main(["stats", str(path)]) == 0
+    out = capsys.readouterr().out
+    rate = re.search(r"sharing a content character \(official eval: 3\.2%\)\s*│\s*(\d+) \((\d+\.\d)%\)", out)
+    assert rate and rate.groups() == ("0", "0.0")  # 思乡, 思念 and 乡愁 never meet in one question
+    assert "distractors from the phrase bank" in out
 
 
 def test_stats_bad_file_is_an_error_line(tmp_path, capsys):

@@ -3,7 +3,8 @@ from dataclasses import replace
 
 import pytest
 
-from poetry.data import Poem, QuestionBuilder, align_sentences, clauses, emotion_words, load_poems, split_poems
+from poetry.data import Poem, QuestionBuilder, align_sentences, clauses, load_poems, split_poems
+from poetry.data.emotions import PHRASE_BANK, option_text, shares_content
 
 EMOTIONS = ["离别，思念", "思乡", "闲适、自得", "壮志难酬的悲愤", "怀古与感慨", "相思", "喜悦", "思念与孤独", None]
 
@@ -44,11 +45,7 @@ def test_alignment_never_pairs_unequal_structures(shared_train):
             assert not alignment.pairs
 
 
-def test_emotion_words():
-    assert emotion_words("离别，思念与期盼重聚、惆怅") == {"离别", "思念", "期盼重聚", "惆怅"}
-
-
-def test_one_right_option_and_disjoint_distractors(poems):
+def test_one_right_option_and_distractors_sharing_no_character(poems):
     builder = QuestionBuilder(poems, seed=3)
     for p in poems:
         for epoch in range(5):
@@ -57,15 +54,18 @@ def test_one_right_option_and_disjoint_distractors(poems):
                 assert choice is None
                 continue
             options, letter = choice
-            assert list(options) == ["A", "B", "C", "D"] and options[letter] == p.emotion
-            assert len(set(options.values())) == 4
-            for other in set(options) - {letter}:
-                assert not emotion_words(options[other]) & emotion_words(p.emotion)
+            assert list(options) == ["A", "B", "C", "D"] and options[letter] == option_text(p.emotion)
+            values = list(options.values())
+            assert len(set(values)) == 4
+            assert not any(shares_content(a, b) for i, a in enumerate(values) for b in values[i + 1:])
 
 
-def test_too_few_disjoint_emotions_gives_no_emotion_part():
-    crowd = [poem(i, e) for i, e in enumerate(["思乡", "思乡与孤独", "孤独", "喜悦"])]
-    assert QuestionBuilder(crowd).choose(crowd[0], 0) is None  # only 喜悦 shares no word with 思乡
+def test_the_phrase_bank_fills_in_when_the_split_is_all_alike():
+    crowd = [poem(i, e) for i, e in enumerate(["思乡", "思乡之愁", "乡愁", "喜悦"])]
+    options, letter = QuestionBuilder(crowd).choose(crowd[0], 0)
+    distractors = set(options.values()) - {"思乡"}
+    assert options[letter] == "思乡" and "喜悦" in distractors  # the split's own unlike emotion comes first
+    assert len(distractors - {"喜悦"} & set(PHRASE_BANK)) == 2
 
 
 def test_deterministic_per_seed_and_reshuffled_per_epoch(poems):
@@ -100,6 +100,19 @@ def test_long_poems_split_into_eval_sized_questions(poems):
     assert [len(e.question.qa_words) for e in examples] == [3, 2, 2]
     assert [w for e in examples for w in e.question.qa_words] == [f"词{i}" for i in range(7)]
     assert len({e.answer.choose_id for e in examples}) == 1  # one draw per (poem, epoch)
+
+
+def test_emotion_examples_add_one_per_poem_with_options(poems):
+    plain, with_emotion = QuestionBuilder(poems, seed=1), QuestionBuilder(poems, seed=1, emotion_examples=True)
+    for p in poems:
+        task = plain.examples(p, 2)
+        extra = with_emotion.examples(p, 2)
+        assert extra[:len(task)] == task and all(not e.emotion_only for e in task)
+        if p.emotion is None:
+            assert extra == task
+        else:
+            (emotion,) = extra[len(task):]
+            assert emotion.emotion_only and emotion.question.choose[emotion.answer.choose_id] == option_text(p.emotion)
 
 
 def test_null_emotion_has_no_emotion_part(poems):

@@ -3,8 +3,10 @@
 A poem `{title, content, keywords, trans, emotion}` becomes questions shaped like the official eval items:
 - words: the keyword glosses (empty glosses dropped; words absent from the content kept, as in the eval set);
 - sentences: content/translation clause pairs, only where the structure proves the alignment;
-- emotion: four options with the poem's own emotion right and three distractors from other poems that share no
-  emotion word with it, re-drawn and re-shuffled per (seed, poem, epoch) so each epoch sees a fresh question.
+- emotion: four short options shaped like the official ones (poetry.data.emotions): the poem's own emotion right,
+  and three distractors from the split's other emotions (else a phrase bank) that share no content character with
+  it or each other, one contrasting in valence; re-drawn and re-shuffled per (seed, poem, epoch) so each epoch sees
+  a fresh question.
 Long poems are split into several questions of at most `max_items` words and sentences, the size of eval items.
 """
 from __future__ import annotations
@@ -15,11 +17,11 @@ import random
 import re
 from dataclasses import dataclass
 
+from .emotions import draw_distractors, option_text
 from .records import OPTION_LETTERS, Answer, Example, Poem, Question
 
 SENTENCE_END = "。！？；"
 _CLAUSE = re.compile(rf"[^{SENTENCE_END}]*[{SENTENCE_END}]+|[^{SENTENCE_END}]+$")
-_EMOTION_SEPARATORS = re.compile(r"[，,、；;。.\s/与和及]+")
 
 
 def clauses(text: str) -> list[str]:
@@ -53,11 +55,6 @@ def align_sentences(content: str, trans: str) -> Alignment:
     return Alignment((), "none")
 
 
-def emotion_words(emotion: str) -> frozenset[str]:
-    """"离别，思念与期盼" -> {离别, 思念, 期盼}: the units two emotions must not share to be distinct options."""
-    return frozenset(w for w in _EMOTION_SEPARATORS.split(emotion) if w)
-
-
 def _chunks(items: list, n_chunks: int) -> list[list]:
     """Split into n_chunks runs of near-equal size, order kept (7 items, 3 chunks -> 3, 2, 2)."""
     size, extra = divmod(len(items), n_chunks)
@@ -73,29 +70,25 @@ class QuestionBuilder:
     """Builds the training questions of one epoch. The emotion pool is the poems given, so distractors come from the
     same split (no validation emotions leak into training options)."""
 
-    def __init__(self, poems: list[Poem], seed: int = 0, max_items: int = 3):
+    def __init__(self, poems: list[Poem], seed: int = 0, max_items: int = 3, emotion_examples: bool = False):
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
-        self.poems, self.seed, self.max_items = poems, seed, max_items
-        emotions = {p.emotion.strip() for p in poems if p.emotion and p.emotion.strip()}
-        self.emotions = sorted(emotions)
-        self.words = {e: emotion_words(e) for e in self.emotions}
-
-    def distractor_pool(self, emotion: str) -> list[str]:
-        own = emotion_words(emotion)
-        return [e for e in self.emotions if not (self.words[e] & own)]
+        self.poems, self.seed, self.max_items, self.emotion_examples = poems, seed, max_items, emotion_examples
+        self.options = sorted({o for p in poems if p.emotion and (o := option_text(p.emotion))})
 
     def choose(self, poem: Poem, epoch: int) -> tuple[dict[str, str], str] | None:
-        """Options A-D and the right letter, or None when the poem has no emotion or too few distractors."""
-        if not poem.emotion:
-            return None
-        pool = self.distractor_pool(poem.emotion)
-        if len(pool) < len(OPTION_LETTERS) - 1:
+        """Options A-D and the right letter, or None when the poem has no emotion that makes an option, or fewer than
+        three options share no content character with it and each other."""
+        answer = option_text(poem.emotion) if poem.emotion else None
+        if answer is None:
             return None
         rng = random.Random(f"{self.seed}:{poem.key}:{epoch}")
-        options = [poem.emotion, *rng.sample(pool, len(OPTION_LETTERS) - 1)]
+        distractors = draw_distractors(answer, self.options, rng, len(OPTION_LETTERS) - 1)
+        if distractors is None:
+            return None
+        options = [answer, *distractors]
         rng.shuffle(options)
-        return dict(zip(OPTION_LETTERS, options, strict=True)), OPTION_LETTERS[options.index(poem.emotion)]
+        return dict(zip(OPTION_LETTERS, options, strict=True)), OPTION_LETTERS[options.index(answer)]
 
     def examples(self, poem: Poem, epoch: int) -> list[Example]:
         glosses = [(w, g.strip()) for w, g in poem.keywords.items() if g.strip()]
@@ -112,6 +105,8 @@ class QuestionBuilder:
                                 choose=options)
             answer = Answer(idx=len(examples), ans_qa_words=dict(words), ans_qa_sents=dict(sents), choose_id=letter)
             examples.append(Example(question, answer))
+        if self.emotion_examples and choice is not None:
+            examples.append(Example(examples[0].question, examples[0].answer, emotion_only=True))
         return examples
 
     def epoch(self, epoch: int) -> list[Example]:

@@ -61,7 +61,10 @@ class Answer:
 
 @dataclass(frozen=True)
 class Example:
-    """A training pair: the question the model sees and the gold answer it must write."""
+    """A training pair: the question the model sees and the gold answer it must write. An `emotion_only` example
+    (data.emotion_examples) is the poem alone followed by the text of its right option, the continuation
+    poetry.choice scores by likelihood."""
 
     question: Question
     answer: Answer
+    emotion_only: bool = False
