@@ -1,7 +1,8 @@
 """Answer evaluation questions with a (LoRA-tuned) model, merge an adapter into its base, or chat with a model.
 
     python infer.py [predict] --model DIR [--adapter DIR] --input eval.json --output submission.json
-                    [--decode constrained|free] [--batch-size N] [--max-new-tokens N] [--system-prompt TEXT]
+                    [--decode constrained|free] [--choose letter|letter_calibrated|likelihood|likelihood_norm]
+                    [--batch-size N] [--max-new-tokens N] [--system-prompt TEXT]
                     [--load-in-4bit | --load-in-8bit] [--dtype auto|fp32|bf16|fp16]
     python infer.py merge --model DIR --adapter DIR --out DIR [--dtype auto|fp32|bf16|fp16]
     python infer.py chat --model DIR [--adapter DIR] --prompt TEXT [--sample --temperature T --top-p P]
@@ -10,7 +11,9 @@
 `predict` is the default subcommand: arguments that start with an option (`infer.py --model ...`) are predict's.
 `--model` is a local directory or `builtin:NAME` (e.g. builtin:tiny-qwen3, built on first use). Constrained decoding
 (the default) forces the answer format, so every item is valid whatever the model; free decoding lets the model
-write everything and repairs what it can, reporting how many items needed it (see poetry.decode).
+write everything and repairs what it can, reporting how many items needed it (see poetry.decode). `--choose` is
+how constrained decoding picks choose_id: the letter's logit, calibrated, or the likelihood of each option's text
+(see poetry.choice); it must match the run's eval.choose for scores comparable with its curves.
 `--max-new-tokens` is the budget of each value; free decoding gets the same room. `--system-prompt` must be the one
 the model was trained with (data.system_prompt). The submission is checked as the official scorer checks it before
 anything is written. Bad input is one `error:` line on stderr and exit code 2.
@@ -24,6 +27,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
+
+from poetry.config import ChoiceMethod
 
 SUBCOMMANDS = ("predict", "merge", "chat")
 HELP_FLAGS = ("-h", "--help")
@@ -63,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--decode", choices=["constrained", "free"], default="constrained",
                          help="constrained forces the answer format; free lets the model write it and repairs what "
                               "it can (default: %(default)s)")
+    predict.add_argument("--choose", choices=typing.get_args(ChoiceMethod), default="likelihood_norm",
+                         help="how constrained decoding picks choose_id, see poetry.choice (default: %(default)s)")
     predict.add_argument("--batch-size", type=_positive, default=8,
                          help="questions decoded together (default: %(default)s)")
     predict.add_argument("--max-new-tokens", type=_positive, default=64,
@@ -99,7 +107,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     elif argv[0] not in (*SUBCOMMANDS, *HELP_FLAGS):
         print(f"error: unknown subcommand {argv[0]!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
-    return _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "predict" and args.decode == "free" and any(a.split("=")[0] == "--choose" for a in argv):
+        parser.error("--choose applies to constrained decoding; free decoding reads choose_id from the text")
+    return args
 
 
 if __name__ == "__main__":
@@ -113,9 +125,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from poetry.builtin import resolve_model_path  # noqa: E402
 from poetry.checkpoint import resolve_adapter  # noqa: E402
+from poetry.choice import answer_questions  # noqa: E402
 from poetry.config import ModelConfig  # noqa: E402
 from poetry.data import DataError, check_submission, load_questions, write_submission  # noqa: E402
-from poetry.decode import UnsupportedTokenizer, chat, decode_constrained, decode_free  # noqa: E402
+from poetry.decode import UnsupportedTokenizer, chat, decode_free  # noqa: E402
 from poetry.model import load_model, load_tokenizer  # noqa: E402
 from poetry.precision import choose, default_device  # noqa: E402
 from poetry.prompt import PromptFormat  # noqa: E402
@@ -188,9 +201,12 @@ def _predict(args: argparse.Namespace) -> int:
     questions = load_questions(args.input).records  # before the model: bad input fails in a second
     model, tokenizer = _load(args)
     fmt = PromptFormat(tokenizer, system_prompt=args.system_prompt)
-    decode = decode_constrained if args.decode == "constrained" else decode_free
     with _Progress(len(questions), f"{args.decode} decoding") as progress:
-        result = decode(model, fmt, questions, args.batch_size, args.max_new_tokens, progress.advance)
+        if args.decode == "constrained":
+            result = answer_questions(model, fmt, questions, args.batch_size, args.max_new_tokens, progress.advance,
+                                      args.choose)
+        else:
+            result = decode_free(model, fmt, questions, args.batch_size, args.max_new_tokens, progress.advance)
     if args.decode == "constrained":
         answers, note = [decoded.answer for decoded in result], ""
     else:

@@ -19,6 +19,7 @@ import yaml
 from .builtin import BUILTIN_PREFIX, check_local_model
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+ChoiceMethod = Literal["letter", "letter_calibrated", "likelihood", "likelihood_norm"]  # poetry.choice
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,8 @@ class DataConfig:
     split_seed: int = 0
     max_len: int = 1024  # longer examples are dropped with a counted warning; targets are never cut
     max_items: int = 3  # words / sentences per built question, as in the official eval items
+    # also train each poem's right option text after the poem alone: what eval.choose=likelihood* scores
+    emotion_examples: bool = True
     on_invalid: Literal["error", "skip"] = "error"
     system_prompt: str = ""  # optional system message for chat templates
 
@@ -101,6 +104,8 @@ class EvalConfig:
     decode: bool = True  # constrained decoding on validation questions: accuracy and BLEU curves
     max_questions: int = 64  # subset of validation questions decoded in the loop; 0 = all
     max_new_tokens: int = 64  # per-value token budget
+    # how choose_id is picked (poetry.choice): the option text's likelihood per character measured best (README)
+    choose: ChoiceMethod = "likelihood_norm"
     bertscore_model: str = ""  # local BERT directory; empty = BERTScore off in the loop
     bertscore_layer: int = 8
     best_metric: str = "val/loss"  # which logged metric picks the best checkpoint

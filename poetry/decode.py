@@ -15,8 +15,9 @@ the tokens forced next are those of that text plus the following fixed piece, to
 training target has there. With gold values teacher-forced, the forced ids equal `PromptFormat.target_ids` for all
 656 targets built from the sample and official data, with the Qwen3 and the Gemma-3 tokenizer. The one known
 exception: a value opening with ASCII punctuation (`(`, `<`, an escaped `"`, ...), which the BPE merges with the
-opening quote (` "(`) while the decoder has already forced ` "`; the value text is still right. choose_id is the
-argmax of the four letter logits at the position after `"choose_id": "`, each letter being one token there.
+opening quote (` "(`) while the decoder has already forced ` "`; the value text is still right. choose_id is read
+at the position after `"choose_id": "`, where each letter is one token: the most likely of the four letters, or
+what `pick` makes of their log-probabilities (poetry.choice: calibrated, or the option text's likelihood).
 
 Batching. A forward costs about the same whatever few tokens it takes (on Gemma-3-270M it reads the 671 MB fp32
 lm_head and the layers' weights), and forced tokens are most of an answer, so a forced run (the prompt, a key and
@@ -60,6 +61,14 @@ class UnsupportedTokenizer(ValueError):
 class Decoded:
     answer: Answer
     option_logprobs: dict[str, float] | None  # log-softmax over the A-D letter logits; None without options
+
+
+# Given a question's position in the batch and its letter log-probabilities, the letter to answer (poetry.choice)
+LetterPick = Callable[[int, dict[str, float]], str]
+
+
+def pick_most_likely_letter(position: int, letter_logprobs: dict[str, float]) -> str:
+    return max(letter_logprobs, key=letter_logprobs.get)
 
 
 @dataclass(frozen=True)
@@ -157,9 +166,9 @@ class _AnswerState:
     """One answer being decoded: forced skeleton runs, values generated up to their closing quote, the letter."""
 
     def __init__(self, question: Question, fmt: PromptFormat, vocab: _Vocab, letter_ids: list[int],
-                 max_new_tokens: int):
+                 max_new_tokens: int, pick: Callable[[dict[str, float]], str]):
         self.question, self.fmt, self.vocab, self.letter_ids = question, fmt, vocab, letter_ids
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.pick = max_new_tokens, pick
         self.skeleton = Skeleton.of(question)
         self.slot = 0
         self.emitted: list[int] = []  # fed to the model, or due to be
@@ -226,11 +235,10 @@ class _AnswerState:
 
     def _choose(self, logits: torch.Tensor) -> list[int]:
         letters = logits[self.letter_ids].float().log_softmax(-1)
-        best = int(letters.argmax())
         self.option_logprobs = dict(zip(OPTION_LETTERS, letters.tolist(), strict=True))
-        self.letter = OPTION_LETTERS[best]
+        self.letter = self.pick(self.option_logprobs)
         self.slot += 1
-        return [self.letter_ids[best], *self._piece_ids("")]
+        return [self.letter_ids[OPTION_LETTERS.index(self.letter)], *self._piece_ids("")]
 
     def decoded(self) -> Decoded:
         q, n = self.question, len(self.question.qa_words)
@@ -261,13 +269,15 @@ def _pad_id(fmt: PromptFormat) -> int:
     return fmt.end_ids[0] if pad is None else pad
 
 
-def _states(model, fmt: PromptFormat, questions: list[Question], max_new_tokens: int) -> list[_AnswerState]:
+def _states(model, fmt: PromptFormat, questions: list[Question], max_new_tokens: int,
+            pick: LetterPick) -> list[_AnswerState]:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     letter_ids = option_letter_ids(fmt) if any(q.choose for q in questions) else []
     vocab = _vocab(fmt.tokenizer, model.get_output_embeddings().out_features, str(_device(model)),
                    tuple(fmt.end_ids))
-    return [_AnswerState(q, fmt, vocab, letter_ids, max_new_tokens) for q in questions]
+    return [_AnswerState(q, fmt, vocab, letter_ids, max_new_tokens, functools.partial(pick, i))
+            for i, q in enumerate(questions)]
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,11 +300,12 @@ def _batches(lengths: list[int], batch_size: int, groups: list | None = None) ->
 
 
 def decode_constrained(model, fmt: PromptFormat, questions: list[Question], batch_size: int = 8,
-                       max_new_tokens: int = 64, progress: Progress | None = None) -> list[Decoded]:
+                       max_new_tokens: int = 64, progress: Progress | None = None,
+                       pick: LetterPick = pick_most_likely_letter) -> list[Decoded]:
     """Batched greedy constrained decoding with a KV cache; results in input order. `max_new_tokens` is the
-    budget of each value: a value that reaches it is cut there."""
+    budget of each value: a value that reaches it is cut there; `pick` chooses each choose_id (poetry.choice)."""
     with _inference(model):
-        states = _states(model, fmt, questions, max_new_tokens)
+        states = _states(model, fmt, questions, max_new_tokens, pick)
         rows = [_Row(state, fmt.prompt_ids(q) + state.start()) for q, state in zip(questions, states, strict=True)]
         poems = [(q.title, q.author, q.content) for q in questions]
         for batch in _batches([len(row.feed) for row in rows], batch_size, poems):
@@ -387,12 +398,13 @@ def _batched_kv(rows: list[_Row], cached: list[int], past: int) -> list[tuple[to
     return [(stacked(layer, 0), stacked(layer, 1)) for layer in range(len(rows[0].kv))]
 
 
-def decode_naive(model, fmt: PromptFormat, questions: list[Question], max_new_tokens: int = 64) -> list[Decoded]:
+def decode_naive(model, fmt: PromptFormat, questions: list[Question], max_new_tokens: int = 64,
+                 pick: LetterPick = pick_most_likely_letter) -> list[Decoded]:
     """Reference for decode_constrained: one question at a time, no cache, no padding, the whole sequence re-run
     for every choice. Slow; tests compare the two."""
     results = []
     with _inference(model):
-        for question, state in zip(questions, _states(model, fmt, questions, max_new_tokens), strict=True):
+        for question, state in zip(questions, _states(model, fmt, questions, max_new_tokens, pick), strict=True):
             ids = fmt.prompt_ids(question) + state.start()
             while not state.done:
                 ids += state.advance(model(input_ids=torch.tensor([ids], device=_device(model)),

@@ -36,7 +36,8 @@ class TaskData:
         if not self.train_poems:
             raise DataError([Issue(cfg.train, None, None, f"no training poems left after the validation split "
                                                           f"(data.val_fraction={cfg.val_fraction})")])
-        self.builder = QuestionBuilder(self.train_poems, seed=seed, max_items=cfg.max_items)
+        self.builder = QuestionBuilder(self.train_poems, seed=seed, max_items=cfg.max_items,
+                                       emotion_examples=cfg.emotion_examples)
         self._epochs: dict = {}
         self.dropped_train: dict[int, int] = {}  # epoch -> its questions longer than data.max_len, once tokenised
 

@@ -23,6 +23,10 @@ here must keep `tests/test_prompt.py` green.
 With a chat template (Qwen's ChatML) the user message is rendered by it, with `enable_thinking=False` so Qwen3
 gets its empty think block; without one (base models such as Gemma-3-270M) the plain template is
 `<bos>` + user message + "\n\n答案：" and the target ends with EOS.
+
+The emotion prompt (`emotion_prompt_ids`) is the poem's lines alone, ending in `EMOTION_CUE`: the context in which
+poetry.choice scores each option's text, and which an emotion example (data.emotion_examples) trains, its target
+being the right option's text and the end of the turn.
 """
 from __future__ import annotations
 
@@ -37,16 +41,27 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 PLAIN_ANSWER_CUE = "\n\n答案："
+EMOTION_CUE = "这首诗表达的情感是："
 _NUMERALS = "一二三"
 _FORMAT_HINT = ('请只输出一个 JSON 对象，格式为：{"ans_qa_words": {"词语": "解释"}, '
                 '"ans_qa_sents": {"句子": "译文"}, "choose_id": "选项字母"}')
 
 
-def render_user(question: Question) -> str:
-    lines = ["请阅读下面这首古典诗词，完成以下任务。", f"标题：{question.title}"]
+def _render_poem(question: Question, head: str) -> list[str]:
+    lines = [head, f"标题：{question.title}"]
     if question.author:
         lines.append(f"作者：{question.author}")
     lines.append(f"内容：{question.content}")
+    return lines
+
+
+def render_emotion_prompt(question: Question) -> str:
+    """The poem alone, then the cue after which an option's text is scored (poetry.choice, by likelihood)."""
+    return "\n".join([*_render_poem(question, "请阅读下面这首古典诗词。"), EMOTION_CUE])
+
+
+def render_user(question: Question) -> str:
+    lines = _render_poem(question, "请阅读下面这首古典诗词，完成以下任务。")
     tasks = []
     if question.qa_words:
         tasks.append(["解释下列词语在诗中的含义：", *(f"- {w}" for w in question.qa_words)])
@@ -120,6 +135,15 @@ class PromptFormat:
                 self._messages(text), add_generation_prompt=True, tokenize=True, enable_thinking=False))
         return self.tokenizer(text + PLAIN_ANSWER_CUE, add_special_tokens=True)["input_ids"]
 
+    def emotion_prompt_ids(self, question: Question) -> list[int]:
+        """The context an option's text is scored after: as a user turn answered by the option with a chat
+        template, as plain text ending in the cue without one."""
+        text = render_emotion_prompt(question)
+        if self.chat:
+            return _ids(self.tokenizer.apply_chat_template(
+                self._messages(text), add_generation_prompt=True, tokenize=True, enable_thinking=False))
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -127,7 +151,12 @@ class PromptFormat:
         return self.text_ids(render_target(answer)) + self.end_ids
 
     def encode(self, example: Example) -> dict:
-        prompt, target = self.prompt_ids(example.question), self.target_ids(example.answer)
+        if example.emotion_only:
+            question = example.question
+            prompt = self.emotion_prompt_ids(question)
+            target = self.text_ids(question.choose[example.answer.choose_id]) + self.end_ids
+        else:
+            prompt, target = self.prompt_ids(example.question), self.target_ids(example.answer)
         return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target,
                 "length": len(prompt) + len(target)}
 
@@ -141,7 +170,7 @@ def tokenize_examples(examples: list[Example], fmt: PromptFormat, max_len: int):
     import datasets
 
     rows = [{"example": i} for i in range(len(examples))]
-    fingerprint = hashlib.sha1(repr([(e.question, e.answer) for e in examples]).encode()).hexdigest()
+    fingerprint = hashlib.sha1(repr(examples).encode()).hexdigest()
     encoded = datasets.Dataset.from_list(rows).map(
         lambda row: fmt.encode(examples[row["example"]]), remove_columns=["example"],
         new_fingerprint=f"{fingerprint[:16]}-{type(fmt.tokenizer).__name__}", desc="tokenizing")

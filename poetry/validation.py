@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
+from .choice import answer_questions
 from .config import EvalConfig
-from .decode import decode_constrained
 from .metrics import BertScore, combine, score_answers
 
 
@@ -66,8 +66,9 @@ class Validator:
         (and val/bertscore_*, val/total when eval.bertscore_model is set)."""
         examples = self.parallel.shard(self.data.val_examples[:self.cfg.max_questions or None])
         with self.parallel.whole_model(loss_module), self.autocast():
-            decoded = decode_constrained(model, self.fmt, [e.question for e in examples], self.cfg.batch_size,
-                                         self.cfg.max_new_tokens, self.heartbeat("validation decoding", len(examples)))
+            decoded = answer_questions(model, self.fmt, [e.question for e in examples], self.cfg.batch_size,
+                                       self.cfg.max_new_tokens, self.heartbeat("validation decoding", len(examples)),
+                                       self.cfg.choose)
         items = score_answers([e.answer for e in examples], [d.answer for d in decoded], self.bertscore).items
         words = [a for item in items for a in item.words]
         sents = [a for item in items for a in item.sents]

@@ -30,6 +30,30 @@ def tiny_dirs(tmp_path_factory):
     return {arch: build_tiny(root / arch, arch) for arch in ARCHITECTURES}
 
 
+WINDOW = 24  # Gemma's sliding window in family_models: prompts are ~10x longer
+
+
+@pytest.fixture(scope="session")
+def family_models(tiny_dirs, tmp_path_factory):
+    """A tiny fp32 model of each family, loaded for inference: {arch: model}; Gemma-3 with a sliding-window layer
+    and a full-attention one."""
+    import shutil
+
+    from poetry.config import ModelConfig
+    from poetry.model import load_model
+
+    models = {}
+    for arch, path in tiny_dirs.items():
+        if arch == "gemma3":
+            path = shutil.copytree(path, tmp_path_factory.mktemp("windowed") / arch)
+            config_file = path / "config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config |= {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": WINDOW}
+            config_file.write_text(json.dumps(config), encoding="utf-8")
+        models[arch] = load_model(ModelConfig(path=str(path), dtype="fp32"), for_training=False)
+    return models
+
+
 @pytest.fixture(scope="session")
 def few_poems(tmp_path_factory):
     """Eight sample poems as one JSON list: ~20 questions, a few seconds per run."""

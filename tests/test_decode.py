@@ -1,6 +1,7 @@
 """Constrained decoding: forced ids equal the training target's, batched KV-cache decoding equals a naive reference
 (every model family, base, LoRA and merged models), forced runs cost no forward of their own, every answer
 schema-valid; the free-text parser repairs broken outputs."""
+import functools
 import json
 from dataclasses import replace
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from poetry import decode
-from poetry.builtin.tiny import ARCHITECTURES, build_tiny
+from poetry.builtin.tiny import ARCHITECTURES
 from poetry.config import LoraConfig, ModelConfig
 from poetry.data import Answer, Question, check_submission, load_answers, load_questions
 from poetry.decode import (
@@ -22,11 +23,12 @@ from poetry.decode import (
     decode_naive,
     option_letter_ids,
     parse_free_answer,
+    pick_most_likely_letter,
 )
 from poetry.model import add_lora, load_model
 from poetry.prompt import PromptFormat, render_target
 
-from conftest import SAMPLE
+from conftest import SAMPLE, WINDOW
 
 OPTIONS = {"A": "惜别的怅惘", "B": "欢快的重逢", "C": "豪迈的报国之志", "D": "闲适的田园之乐"}
 # Keys with a half-width comma and space, and a quote that json.dumps escapes
@@ -61,7 +63,8 @@ def answer_with(question: Question, value: str, letter: str | None = "C") -> Ans
 def run_state(fmt, question: Question, logits_for, max_new_tokens: int = 10_000) -> _AnswerState:
     """Runs the decoder's state machine alone, with `logits_for(state)` as the model."""
     vocab = _vocab(fmt.tokenizer, len(fmt.tokenizer), "cpu", tuple(fmt.end_ids))
-    state = _AnswerState(question, fmt, vocab, option_letter_ids(fmt) if question.choose else [], max_new_tokens)
+    state = _AnswerState(question, fmt, vocab, option_letter_ids(fmt) if question.choose else [], max_new_tokens,
+                         functools.partial(pick_most_likely_letter, 0))
     state.start()
     while not state.done:
         state.advance(logits_for(state))
@@ -201,25 +204,6 @@ def test_batched_kv_cache_decoding_equals_the_naive_reference(model, fmt, sample
     for d in batched:
         assert sum(torch.tensor(list(d.option_logprobs.values())).exp()) == pytest.approx(1.0)
         assert d.answer.choose_id == max(d.option_logprobs, key=d.option_logprobs.get)
-
-
-WINDOW = 24  # Gemma's sliding window in the family test: prompts are ~10x longer
-
-
-@pytest.fixture(scope="module")
-def family_models(tmp_path_factory):
-    """A tiny model of each family; Gemma-3 with a sliding-window layer and a full-attention one."""
-    root = tmp_path_factory.mktemp("families")
-    models = {}
-    for arch in ARCHITECTURES:
-        path = build_tiny(root / arch, arch)
-        if arch == "gemma3":
-            config_file = path / "config.json"
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-            config |= {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": WINDOW}
-            config_file.write_text(json.dumps(config), encoding="utf-8")
-        models[arch] = load_model(ModelConfig(path=str(path), dtype="fp32"), for_training=False)
-    return models
 
 
 def mixed_questions(sample: list[Question]) -> list[Question]:

@@ -2,7 +2,16 @@
 import json
 
 from poetry.data import Answer, Example, Question
-from poetry.prompt import IGNORE_INDEX, PLAIN_ANSWER_CUE, PromptFormat, render_target, render_user, tokenize_examples
+from poetry.prompt import (
+    EMOTION_CUE,
+    IGNORE_INDEX,
+    PLAIN_ANSWER_CUE,
+    PromptFormat,
+    render_emotion_prompt,
+    render_target,
+    render_user,
+    tokenize_examples,
+)
 
 QUESTION = Question(idx=0, title="送别", author="王维", content="山中相送罢，日暮掩柴扉。春草明年绿，王孙归不归？",
                     qa_words=("柴扉", "王孙"), qa_sents=("山中相送罢，日暮掩柴扉。", "春草明年绿, 王孙归不归？"),
@@ -44,6 +53,20 @@ def test_labels_mask_exactly_the_prompt(tokenizer):
     assert IGNORE_INDEX not in learned and learned == encoded["input_ids"][len(prompt):]
     assert tokenizer.decode(learned) == render_target(ANSWER) + "<|im_end|>"
     assert encoded["length"] == len(encoded["input_ids"])
+
+
+def test_an_emotion_example_learns_the_right_options_text_after_the_poem_alone(tokenizer):
+    fmt = PromptFormat(tokenizer)
+    encoded = fmt.encode(Example(QUESTION, ANSWER, emotion_only=True))
+    prompt = fmt.emotion_prompt_ids(QUESTION)
+    assert encoded["input_ids"][:len(prompt)] == prompt and encoded["labels"][:len(prompt)] == [IGNORE_INDEX] * len(
+        prompt)
+    assert tokenizer.decode(encoded["labels"][len(prompt):]) == "惜别的怅惘<|im_end|>"
+    text = render_emotion_prompt(QUESTION)
+    assert text.endswith(EMOTION_CUE) and QUESTION.content in text and "柴扉\n" not in text and "A." not in text
+    plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    plain.chat_template = None
+    assert plain.decode(PromptFormat(plain).emotion_prompt_ids(QUESTION)).endswith(EMOTION_CUE)
 
 
 def test_chatml_prompt_ends_with_assistant_turn(tokenizer):

@@ -138,16 +138,16 @@ def test_accumulation_matches_one_big_batch(tiny_model_dir, few_poems, tmp_path,
         train_script.train(config(tiny_model_dir, few_poems, tmp_path / run, "train.max_steps=1", "lora.dropout=0",
                                   f"train.micro_batch_size={micro_batch}", f"train.grad_accum={grad_accum}",
                                   "data.val_fraction=0", "eval.every=0", "train.precision=fp32",
-                                  "data.max_items=100"))  # one question per poem: 8 examples
+                                  "data.max_items=100"))  # one question and one emotion example per poem: 16
         monkeypatch.undo()
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
         return captured[0]
 
-    # a window of all 8 examples either way: 8x1 against micro x accum covering 8 as well
-    big = gradient(8, 1, "big")
-    small = gradient(micro * 2, accum, "small")
+    # a window of all 16 examples either way: 16x1 against micro x accum covering 16 as well
+    big = gradient(16, 1, "big")
+    small = gradient(micro * 4, accum, "small")
     assert len(big) == len(small) > 0
     for g_big, g_small in zip(big, small, strict=True):
         assert torch.allclose(g_big, g_small, atol=1e-7, rtol=1e-4)

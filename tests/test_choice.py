@@ -1,0 +1,116 @@
+"""Picking choose_id: option likelihoods equal a plain full-sequence computation in every family; a model trained to
+prefer an option gets it picked; calibration and length normalisation do what they say; the answer's format and
+values do not depend on the method."""
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from poetry import choice
+from poetry.builtin.tiny import ARCHITECTURES
+from poetry.choice import answer_questions, letter_pick, option_logliks
+from poetry.config import ModelConfig
+from poetry.data import OPTION_LETTERS, Question, check_submission, load_questions
+from poetry.model import load_model
+from poetry.prompt import PromptFormat
+
+from conftest import SAMPLE
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+OPTIONS = {"A": "惜别的怅惘", "B": "欢快的重逢", "C": "豪迈的报国之志", "D": "闲适"}
+
+
+@pytest.fixture(scope="module")
+def fmt(tokenizer):
+    return PromptFormat(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def questions():
+    return load_questions(SAMPLE / "eval.json").records[:3]
+
+
+def full_sequence_logliks(model, fmt, question: Question) -> dict[str, float]:
+    """Each option scored alone: prompt and option in one sequence, no cache, no padding."""
+    prompt = fmt.emotion_prompt_ids(question)
+    scores = {}
+    with torch.no_grad():
+        for letter, text in question.choose.items():
+            option = fmt.text_ids(text)
+            logits = model(input_ids=torch.tensor([prompt + option])).logits[0].float().log_softmax(-1)
+            scores[letter] = sum(float(logits[len(prompt) - 1 + i, t]) for i, t in enumerate(option))
+    return scores
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_option_logliks_equal_the_full_sequence_computation(family_models, fmt, questions, arch):
+    """Gemma's sliding window (24 slots) is far shorter than the prompt: the repeated cache must keep every slot."""
+    model = family_models[arch]
+    one_token = {**OPTIONS, "D": "悲"}
+    assert len(fmt.text_ids("悲")) == 1
+    for question in [*questions, replace(questions[0], choose=OPTIONS), replace(questions[1], choose=one_token)]:
+        got, expected = option_logliks(model, fmt, question), full_sequence_logliks(model, fmt, question)
+        assert list(got) == list(OPTION_LETTERS)
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
+def trained_to_prefer(model, fmt, question: Question, letter: str, steps: int = 25):
+    """A copy of `model` whose only training was to write option `letter`'s text after the emotion prompt."""
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    ids = fmt.emotion_prompt_ids(question) + fmt.text_ids(question.choose[letter])
+    labels = [-100] * len(fmt.emotion_prompt_ids(question)) + ids[len(fmt.emotion_prompt_ids(question)):]
+    for _ in range(steps):
+        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["likelihood", "likelihood_norm"])
+def test_likelihood_picks_the_option_a_model_was_trained_to_prefer(tiny_model_dir, fmt, questions, method):
+    base = load_model(ModelConfig(path=str(tiny_model_dir), dtype="fp32"), for_training=False)
+    question = replace(questions[0], choose=OPTIONS)
+    for letter in ("B", "D"):
+        model = trained_to_prefer(base, fmt, question, letter)
+        (decoded,) = answer_questions(model, fmt, [question], max_new_tokens=4, method=method)
+        assert decoded.answer.choose_id == letter
+
+
+def test_the_method_changes_choose_id_only(family_models, fmt, questions):
+    model = family_models["qwen3"]
+    answers = {method: [d.answer for d in answer_questions(model, fmt, questions, 2, 4, method=method)]
+               for method in choice.METHODS}
+    for method, got in answers.items():
+        check_submission(questions, got, f"<{method}>")
+        assert [replace(a, choose_id=None) for a in got] == [replace(a, choose_id=None) for a in answers["letter"]]
+
+
+def test_calibration_subtracts_the_content_free_prior(family_models, fmt, questions, monkeypatch):
+    prior = {"A": -0.1, "B": -3.0, "C": -3.0, "D": -3.0}
+    monkeypatch.setattr(choice, "content_free_prior", lambda *args: prior)
+    pick = letter_pick(family_models["qwen3"], fmt, questions, "letter_calibrated", 4)
+    assert pick(0, {"A": -0.5, "B": -1.5, "C": -2.5, "D": -3.5}) == "B"  # A's lead is its prior
+    assert letter_pick(family_models["qwen3"], fmt, questions, "letter", 4)(0, {"A": -0.5, "B": -1.5}) == "A"
+
+
+def test_the_content_free_prior_is_a_distribution_over_the_letters(family_models, fmt):
+    prior = choice.content_free_prior(family_models["qwen3"], fmt, 4)
+    assert list(prior) == list(OPTION_LETTERS)
+    assert sum(torch.tensor(list(prior.values())).exp()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_length_normalisation_is_per_character(family_models, fmt, questions, monkeypatch):
+    question = replace(questions[0], choose={"A": "悲", "B": "欢快的重逢", "C": "豪迈", "D": "闲适之乐"})
+    monkeypatch.setattr(choice, "option_logliks", lambda *args: {"A": -3.0, "B": -5.0, "C": -4.0, "D": -6.0})
+    model = family_models["qwen3"]
+    assert letter_pick(model, fmt, [question], "likelihood", 4)(0, {}) == "A"
+    assert letter_pick(model, fmt, [question], "likelihood_norm", 4)(0, {}) == "B"  # -1.0 a character
+
+
+def test_an_unknown_method_is_refused(family_models, fmt, questions):
+    with pytest.raises(ValueError, match="unknown choice method 'vote'"):
+        letter_pick(family_models["qwen3"], fmt, questions, "vote", 4)
