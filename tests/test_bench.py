@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -69,3 +71,41 @@ def test_memory_benchmark_sets_the_estimate_against_a_measured_peak(tiny_model_d
         assert 0 < measured["process_gb"] < measured["rss_before_step_gb"] < measured["peak_rss_gb"]
         assert measured["estimate_rows"]["process before the weights"] == measured["process_gb"]
         assert measured["estimate_gb"] > measured["process_gb"]
+
+
+def test_choose_benchmark_scores_every_method_with_an_interval(tiny_model_dir, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "choose.py"), "--model", str(tiny_model_dir),
+                             "--questions", "data/sample/eval.json", "--gold", "data/sample/eval_gold.json",
+                             "--max-new-tokens", "2", "--dtype", "fp32", "--label", "tiny", "--results-dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [saved] = tmp_path.glob("choose-*.json")
+    rows = json.loads(saved.read_text(encoding="utf-8"))["rows"]
+    assert [row["method"] for row in rows] == ["letter", "letter_calibrated", "likelihood", "likelihood_norm"]
+    for row in rows:
+        assert row["questions"] == 14 and sum(row["letters"].values()) == 14
+        assert row["ci95"][0] <= row["accuracy"] == row["right"] / 14 <= row["ci95"][1]
+
+
+def test_wilson_interval():
+    sys.path.insert(0, str(ROOT))
+    from bench.choose import wilson
+
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(0, 37)[0] == 0.0 and wilson(37, 37)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)
+
+
+def test_choose_benchmark_builds_the_held_out_questions_of_a_config():
+    sys.path.insert(0, str(ROOT))
+    from bench.choose import held_out
+    from poetry.config import load_config
+    from poetry.data import load_poems, split_poems, validation_examples
+
+    config = ROOT / "configs" / "tiny.yaml"
+    questions, gold = held_out(config, ROOT)
+    cfg = load_config(config)
+    _, val = split_poems(load_poems(ROOT / cfg.data.train).records, cfg.data.val_fraction, cfg.data.split_seed)
+    expected = [e for e in validation_examples(val, cfg.train.seed, cfg.data.max_items) if e.question.choose]
+    assert [q.choose for q in questions] == [e.question.choose for e in expected] and len(questions) > 5
+    assert [q.qa_words for q in questions] == [e.question.qa_words for e in expected]
+    assert gold == [e.answer.choose_id for e in expected]
