@@ -9,7 +9,8 @@ gradients and optimizer state, activations (with or without checkpointing) for t
 output layer (the target rows, and one chunk's logits at a time). Activations are the tensors autograd keeps per
 token in one decoder layer, counted tensor by tensor (tests/test_memory.py holds the count to what autograd saves on
 each model family). On a CPU the process itself is a measured constant: the resident memory of Python, torch,
-transformers, PEFT and the tokenizer, read from this process once they are loaded and before any weight is.
+transformers, PEFT, the tokenizer and the tokenised data, read from this process once they are loaded and before
+any weight is.
 bench/memory.py compares the total with the measured peak of a training step.
 """
 from __future__ import annotations
@@ -147,7 +148,7 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1, *
         rows.append(("CUDA context + allocator", CUDA_OVERHEAD_GB, "typical"))
     elif process_gb is not None:
         rows.append(("process before the weights", process_gb, "measured: Python, torch, transformers, PEFT, "
-                                                               "tokenizer (train.py: and the data)"))
+                                                               "tokenizer, tokenised data"))
     return rows
 
 
@@ -204,8 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-gb", type=float, default=32.0,
                         help="memory to fit in, GiB (default: %(default)s)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="the run to plan; cpu also measures this process with the tokenizer loaded "
-                             "(default: %(default)s)")
+                        help="the run to plan; cpu also measures this process with the tokenizer and the "
+                             "tokenised data loaded, as train.py does (default: %(default)s)")
     parser.add_argument("--processes", type=int, default=1,
                         help="with train.fsdp=true: how many processes share the model (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
@@ -216,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from .builtin import resolve_model_path
+    from .data import DataError
+    from .feed import TaskData
     from .model import load_tokenizer
+    from .prompt import PromptFormat
 
     args = _parser().parse_args(argv)
     try:
@@ -224,12 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, device=args.device, processes=args.processes)
         model_path = resolve_model_path(cfg.model.path)  # builds builtin:NAME; one line for a missing path
         process_gb = None
-        if args.device == "cpu":
-            load_tokenizer(model_path, cfg.model.trust_remote_code)  # as train.py holds it when it measures
+        if args.device == "cpu":  # tokenizer and tokenised data held, as train.py holds them when it measures
+            tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+            data = TaskData(cfg.data, PromptFormat(tokenizer, cfg.data.system_prompt), cfg.train.seed)
+            data.train_epoch(0), data.val_dataset
             process_gb = process_rss_gb()
         table, _ = estimate_table(cfg, model_path, args.budget_gb, args.device,
                                   args.processes if cfg.train.fsdp else 1, process_gb)
-    except (ConfigError, OSError) as err:
+    except (ConfigError, DataError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.processes > 1 and not cfg.train.fsdp:

@@ -148,6 +148,14 @@ def test_memory_estimate_is_of_a_gpu_run_even_on_a_cpu(memory):
     assert code == 0 and "fp32" not in row(out, "base weights") and "fp32" not in row(out, "embeddings")
 
 
+def test_memory_on_cpu_measures_the_process_with_its_data(memory, few_poems, tmp_path):
+    code, out, err = memory("--device", "cpu", f"data.train={few_poems}")
+    assert code == 0 and err == ""
+    assert "memory estimate (cpu)" in out and "tokenised data" in row(out, "process before the weights")
+    code, out, err = memory("--device", "cpu", f"data.train={tmp_path / 'absent.json'}")
+    assert code == 2 and out == "" and err.startswith("error: ") and "absent.json" in err and err.count("\n") == 1
+
+
 def test_memory_missing_model_is_one_error_line(memory, tmp_path):
     absent = tmp_path / "no-such-model"
     code, out, err = memory(f"model.path={absent}")
