@@ -47,15 +47,16 @@ test-slow: install-demo
 	$(BIN)/python -m pytest -q -m slow
 
 # The CPU benchmarks (bench/README.md): parity and speed against HF Trainer, padding, the chunked loss and the decoder
-# on Gemma-3-270M, poetry.memory's estimate against measured peaks, and the GPU script's CPU smoke run. Each saves
-# its JSON under bench/results/.
+# on Gemma-3-270M, poetry.memory's estimate against measured peaks, choose_id by letter and by likelihood, and the
+# GPU script's CPU smoke run. Each saves its JSON under bench/results/.
 bench: install-demo
 	$(BIN)/python bench/trainer.py parity
-	$(BIN)/python bench/trainer.py speed --config configs/tiny.yaml --steps 8
+	$(BIN)/python bench/trainer.py speed --config configs/tiny.yaml --steps 8 --rounds 1
 	$(BIN)/python bench/trainer.py padding data.train=$(DATA)
 	$(BIN)/python bench/loss.py --config configs/demo.yaml --methods target chunked --repeats 1
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/decode.py --threads 1 --repeats 1
+	$(BIN)/python bench/choose.py --questions data/sample/eval.json --gold data/sample/eval_gold.json --label zero-shot
 	$(BIN)/python bench/gpu.py --cpu-smoke
 
 # The whole product on the real pretrained Gemma-3-270M, through the same CLIs a researcher uses: fine-tune, then
