@@ -25,10 +25,10 @@ from .decode import (
     Decoded,
     LetterPick,
     Progress,
-    _device,
-    _inference,
-    _pad_id,
     decode_constrained,
+    inference,
+    model_device,
+    padding_id,
     pick_most_likely_letter,
 )
 from .prompt import PromptFormat
@@ -44,14 +44,14 @@ def option_logliks(model, fmt: PromptFormat, question: Question) -> dict[str, fl
     on the right (a pad after a sequence changes nothing before it)."""
     prompt = fmt.emotion_prompt_ids(question)
     options = [fmt.text_ids(text) for text in question.choose.values()]
-    device = _device(model)
-    with _inference(model):
+    device = model_device(model)
+    with inference(model):
         cache = DynamicCache()  # without the config: every layer keeps all its slots (see decode._forward)
         first = model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True,
                       logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
         cache.batch_repeat_interleave(len(options))
         width = max(map(len, options))
-        ids = torch.tensor([o + [_pad_id(fmt)] * (width - len(o)) for o in options], device=device)
+        ids = torch.tensor([o + [padding_id(fmt)] * (width - len(o)) for o in options], device=device)
         mask = torch.tensor([[1] * (len(prompt) + len(o)) + [0] * (width - len(o)) for o in options], device=device)
         positions = torch.arange(len(prompt), len(prompt) + width, device=device).expand(len(options), -1)
         rest = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,

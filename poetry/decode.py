@@ -248,7 +248,7 @@ class _AnswerState:
 
 
 @contextlib.contextmanager
-def _inference(model):
+def inference(model):
     """Eval mode without autograd; each module's previous mode comes back after, since training decodes mid-run."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -260,11 +260,11 @@ def _inference(model):
             module.training = training
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _pad_id(fmt: PromptFormat) -> int:
+def padding_id(fmt: PromptFormat) -> int:
     pad = fmt.tokenizer.pad_token_id
     return fmt.end_ids[0] if pad is None else pad
 
@@ -274,7 +274,7 @@ def _states(model, fmt: PromptFormat, questions: list[Question], max_new_tokens:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     letter_ids = option_letter_ids(fmt) if any(q.choose for q in questions) else []
-    vocab = _vocab(fmt.tokenizer, model.get_output_embeddings().out_features, str(_device(model)),
+    vocab = _vocab(fmt.tokenizer, model.get_output_embeddings().out_features, str(model_device(model)),
                    tuple(fmt.end_ids))
     return [_AnswerState(q, fmt, vocab, letter_ids, max_new_tokens, functools.partial(pick, i))
             for i, q in enumerate(questions)]
@@ -304,12 +304,12 @@ def decode_constrained(model, fmt: PromptFormat, questions: list[Question], batc
                        pick: LetterPick = pick_most_likely_letter) -> list[Decoded]:
     """Batched greedy constrained decoding with a KV cache; results in input order. `max_new_tokens` is the
     budget of each value: a value that reaches it is cut there; `pick` chooses each choose_id (poetry.choice)."""
-    with _inference(model):
+    with inference(model):
         states = _states(model, fmt, questions, max_new_tokens, pick)
         rows = [_Row(state, fmt.prompt_ids(q) + state.start()) for q, state in zip(questions, states, strict=True)]
         poems = [(q.title, q.author, q.content) for q in questions]
         for batch in _batches([len(row.feed) for row in rows], batch_size, poems):
-            _decode_batch(model, [rows[i] for i in batch], _pad_id(fmt))
+            _decode_batch(model, [rows[i] for i in batch], padding_id(fmt))
             if progress:
                 progress(len(batch))
     return [state.decoded() for state in states]
@@ -369,7 +369,7 @@ def _forward(model, rows: list[_Row], pad_id: int) -> None:
     fed = [sequence[-width:] for sequence in sequences]
     cached = [len(sequence) - len(tokens) for sequence, tokens in zip(sequences, fed, strict=True)]
     past = max(cached)
-    device = _device(model)
+    device = model_device(model)
     input_ids = torch.tensor([[pad_id] * (width - len(tokens)) + tokens for tokens in fed], device=device)
     mask = torch.tensor([[0] * (past - n) + [1] * n + [0] * (width - len(tokens)) + [1] * len(tokens)
                          for n, tokens in zip(cached, fed, strict=True)], device=device)
@@ -403,11 +403,11 @@ def decode_naive(model, fmt: PromptFormat, questions: list[Question], max_new_to
     """Reference for decode_constrained: one question at a time, no cache, no padding, the whole sequence re-run
     for every choice. Slow; tests compare the two."""
     results = []
-    with _inference(model):
+    with inference(model):
         for question, state in zip(questions, _states(model, fmt, questions, max_new_tokens, pick), strict=True):
             ids = fmt.prompt_ids(question) + state.start()
             while not state.done:
-                ids += state.advance(model(input_ids=torch.tensor([ids], device=_device(model)),
+                ids += state.advance(model(input_ids=torch.tensor([ids], device=model_device(model)),
                                            logits_to_keep=1).logits[0, -1].float())
             results.append(state.decoded())
     return results
@@ -450,13 +450,13 @@ def decode_free(model, fmt: PromptFormat, questions: list[Question], batch_size:
                 max_new_tokens: int = 64, progress: Progress | None = None) -> FreeResult:
     """Greedy `generate` on the same prompts, then `parse_free_answer`. `max_new_tokens` means what it means in
     decode_constrained (per value); see free_budget."""
-    tokenizer, pad_id = fmt.tokenizer, _pad_id(fmt)
+    tokenizer, pad_id = fmt.tokenizer, padding_id(fmt)
     stop = list(dict.fromkeys(fmt.end_ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
     prompts = [fmt.prompt_ids(q) for q in questions]
     texts = [""] * len(questions)
-    with _inference(model):
+    with inference(model):
         for batch in _batches([len(p) for p in prompts], batch_size):
-            input_ids, mask = _left_pad([prompts[i] for i in batch], pad_id, _device(model))
+            input_ids, mask = _left_pad([prompts[i] for i in batch], pad_id, model_device(model))
             out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, pad_token_id=pad_id,
                                  eos_token_id=stop,
                                  max_new_tokens=max(free_budget(fmt, questions[i], max_new_tokens) for i in batch))
@@ -599,8 +599,8 @@ def chat(model, tokenizer, prompt: str, max_new_tokens: int = 256, sample: bool 
     else:
         ids = tokenizer(prompt)["input_ids"]
     sampling = {"temperature": temperature, "top_p": top_p} if sample else {}
-    with _inference(model):
-        input_ids = torch.tensor([ids], device=_device(model))
+    with inference(model):
+        input_ids = torch.tensor([ids], device=model_device(model))
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=sample,
                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
