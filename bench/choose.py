@@ -109,7 +109,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give either --config, or --questions and --gold")
 
     quiet_libraries()
-    import torch
     from rich.table import Table
 
     from poetry import choice
@@ -136,12 +135,11 @@ def main(argv: list[str] | None = None) -> None:
 
         model = PeftModel.from_pretrained(model, args.adapter)
     fmt = PromptFormat(load_tokenizer(path))
-    with torch.no_grad():
-        decoded = decode_constrained(model.eval(), fmt, questions, args.batch_size, args.max_new_tokens)
-        rows = []
-        for method in choice.METHODS:
-            pick = choice.letter_pick(model, fmt, questions, method, args.max_new_tokens)
-            rows.append(accuracy_row(method, [pick(i, d.option_logprobs) for i, d in enumerate(decoded)], gold))
+    decoded = decode_constrained(model, fmt, questions, args.batch_size, args.max_new_tokens)  # eval, no grad
+    rows = []
+    for method in choice.METHODS:
+        pick = choice.letter_pick(model, fmt, questions, method, args.max_new_tokens)
+        rows.append(accuracy_row(method, [pick(i, d.option_logprobs) for i, d in enumerate(decoded)], gold))
     table = Table(title=f"choose_id on {len(questions)} poems ({len(asked)} questions): {args.label or args.model}"
                         f"{' + ' + args.adapter if args.adapter else ''}, {dtype}")
     for column in ("method", "right", "accuracy", "95% interval", "letters answered"):

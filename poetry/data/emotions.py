@@ -34,6 +34,8 @@ VALENCE_WORDS = {
     "calm": ("宁静", "平静", "淡泊", "恬淡", "恬静", "安然", "超脱", "超然", "闲静", "从容", "悠然", "清幽", "淡然",
              "幽静", "静谧", "空灵", "悠闲", "自在", "悠远"),
 }
+# (word, valence), longest words first: the order valence() matches them in
+_BY_LENGTH = sorted(((w, k) for k, words in VALENCE_WORDS.items() for w in words), key=lambda wk: -len(wk[0]))
 _CONTRASTS = {"positive": ("negative",), "negative": ("positive", "calm"), "calm": ("negative", "positive")}
 
 # Official-like phrases of every valence: distractors where a split's own emotions cannot supply three that
@@ -75,7 +77,7 @@ def valence(option: str) -> str | None:
     """"positive", "negative" or "calm" by the lexicon's matches (longest words first, each span counted once),
     or None when nothing matches or two valences tie."""
     counts, rest = {}, option
-    for word, kind in sorted(((w, k) for k, words in VALENCE_WORDS.items() for w in words), key=lambda wk: -len(wk[0])):
+    for word, kind in _BY_LENGTH:
         if word in rest:
             counts[kind] = counts.get(kind, 0) + rest.count(word)
             rest = rest.replace(word, " ")
