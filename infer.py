@@ -7,6 +7,9 @@
     python infer.py merge --model DIR --adapter DIR --out DIR [--dtype auto|fp32|bf16|fp16]
     python infer.py chat --model DIR [--adapter DIR] --prompt TEXT [--sample --temperature T --top-p P]
                     [--max-new-tokens N] [--dtype auto|fp32|bf16|fp16]
+    python infer.py serve --model DIR [--adapter DIR] [--host 127.0.0.1 --port 8000] [--served-model-name NAME]
+                    [--max-batch N] [--max-wait-ms MS] [--max-queue N] [--max-chat-tokens N]
+                    [--choose ...] [--max-new-tokens N] [--system-prompt TEXT] [--dtype ...]
 
 `predict` is the default subcommand: arguments that start with an option (`infer.py --model ...`) are predict's.
 `--model` is a local directory or `builtin:NAME` (e.g. builtin:tiny-qwen3, built on first use). Constrained decoding
@@ -18,6 +21,10 @@ how constrained decoding picks choose_id: the letter's logit, calibrated, or the
 the model was trained with (data.system_prompt). The submission is checked as the official scorer checks it before
 anything is written. Bad input is one `error:` line on stderr and exit code 2.
 
+`serve` answers over HTTP (see poetry.serve): POST /v1/answer takes evaluation questions and returns what predict
+would write for them, concurrent requests batched together; POST /v1/chat/completions is OpenAI's chat API,
+streaming included. It needs the `serve` extra: pip install -e '.[serve]'.
+
 `--dtype auto` (the default) picks bf16 where the hardware computes it natively (a GPU that supports it, a CPU with
 avx512_bf16/amx_bf16), else fp16 on a GPU and fp32 on a CPU: bf16 on a CPU without native support runs ~20x slower
 (see poetry.precision). The first line printed says which dtype was chosen and why.
@@ -25,13 +32,14 @@ avx512_bf16/amx_bf16), else fp16 on a GPU and fp32 on a CPU: bf16 on a CPU witho
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 import typing
 
 from poetry.config import ChoiceMethod
 
-SUBCOMMANDS = ("predict", "merge", "chat")
+SUBCOMMANDS = ("predict", "merge", "chat", "serve")
 HELP_FLAGS = ("-h", "--help")
 # poetry.precision.DTYPES and auto, spelled out here because importing poetry.precision loads torch
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -53,6 +61,19 @@ def _model_arguments(parser: argparse.ArgumentParser, adapter_required: bool = F
                              "fp32 on a CPU (default: %(default)s)")
 
 
+def _answer_arguments(parser: argparse.ArgumentParser) -> None:
+    """How questions are answered: predict's and serve's."""
+    parser.add_argument("--choose", choices=typing.get_args(ChoiceMethod), default="likelihood_norm",
+                        help="how constrained decoding picks choose_id, see poetry.choice (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=_positive, default=64,
+                        help="token budget of each value (default: %(default)s)")
+    parser.add_argument("--system-prompt", default="",
+                        help="system message the model was trained with (default: none)")
+    quantization = parser.add_mutually_exclusive_group()
+    quantization.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit base weights")
+    quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit base weights")
+
+
 def _subcommand(commands, name: str, summary: str) -> argparse.ArgumentParser:
     return commands.add_parser(name, help=summary, description=summary)
 
@@ -69,17 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--decode", choices=["constrained", "free"], default="constrained",
                          help="constrained forces the answer format; free lets the model write it and repairs what "
                               "it can (default: %(default)s)")
-    predict.add_argument("--choose", choices=typing.get_args(ChoiceMethod), default="likelihood_norm",
-                         help="how constrained decoding picks choose_id, see poetry.choice (default: %(default)s)")
     predict.add_argument("--batch-size", type=_positive, default=8,
                          help="questions decoded together (default: %(default)s)")
-    predict.add_argument("--max-new-tokens", type=_positive, default=64,
-                         help="token budget of each value (default: %(default)s)")
-    predict.add_argument("--system-prompt", default="",
-                         help="system message the model was trained with (default: none)")
-    quantization = predict.add_mutually_exclusive_group()
-    quantization.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit base weights")
-    quantization.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit base weights")
+    _answer_arguments(predict)
 
     merge = _subcommand(commands, "merge", "fold an adapter into its base and save the result")
     _model_arguments(merge, adapter_required=True)
@@ -95,6 +108,22 @@ def _parser() -> argparse.ArgumentParser:
                           help="with --sample: softmax temperature (default: %(default)s)")
     chatting.add_argument("--top-p", type=float, default=0.9,
                           help="with --sample: nucleus probability mass (default: %(default)s)")
+
+    serving = _subcommand(commands, "serve", "answer questions and chat over HTTP (FastAPI + uvicorn)")
+    _model_arguments(serving)
+    _answer_arguments(serving)
+    serving.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serving.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    serving.add_argument("--served-model-name", default="poetry",
+                         help="the name /v1/models lists and chat requests give as `model` (default: %(default)s)")
+    serving.add_argument("--max-batch", type=_positive, default=8,
+                         help="questions decoded together across requests (default: %(default)s)")
+    serving.add_argument("--max-wait-ms", type=float, default=10.0,
+                         help="how long an idle model waits for more questions before a batch (default: %(default)s)")
+    serving.add_argument("--max-queue", type=_positive, default=256,
+                         help="questions (a chat counts one) admitted at once; more get 503 (default: %(default)s)")
+    serving.add_argument("--max-chat-tokens", type=_positive, default=512,
+                         help="the largest max_tokens a chat request may ask (default: %(default)s)")
     return parser
 
 
@@ -231,9 +260,41 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
-    print(chat(model, tokenizer, args.prompt, args.max_new_tokens, args.sample, args.temperature, args.top_p),
-          flush=True)
+    reply = chat(model, PromptFormat(tokenizer), [{"role": "user", "content": args.prompt}], args.max_new_tokens,
+                 args.temperature if args.sample else 0.0, args.top_p)
+    print(reply.text, flush=True)
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401  (poetry.serve's)
+        import uvicorn
+    except ImportError as err:
+        return _error(f"serving needs the serve extra ({err.name} is missing): pip install -e '.[serve]'")
+    app = _app(args)
+    print(f"serving {args.served_model_name!r} on http://{args.host}:{args.port} (POST /v1/answer, "
+          f"POST /v1/chat/completions, GET /health, GET /v1/models)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _app(args: argparse.Namespace):
+    """The FastAPI app `serve` runs, over the model, adapter and answering options of `args`."""
+    from poetry.serve import ServeConfig, create_app
+
+    model, tokenizer = _load(args)
+    fmt = PromptFormat(tokenizer, system_prompt=args.system_prompt)
+    cfg = ServeConfig(model_name=args.served_model_name, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1e3,
+                      max_queue=args.max_queue, max_chat_tokens=args.max_chat_tokens)
+    return create_app(functools.partial(_answers, model, fmt, args), functools.partial(chat, model, fmt), cfg,
+                      {"model_path": args.model, "adapter": args.adapter})
+
+
+def _answers(model, fmt: PromptFormat, args: argparse.Namespace, questions: list) -> list:
+    """The answers predict writes for `questions`, in order."""
+    return [decoded.answer for decoded in answer_questions(model, fmt, questions, args.max_batch,
+                                                           args.max_new_tokens, None, args.choose)]
 
 
 def _error(message: str) -> int:
@@ -243,7 +304,7 @@ def _error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    command = {"predict": _predict, "merge": _merge, "chat": _chat}[args.command]
+    command = {"predict": _predict, "merge": _merge, "chat": _chat, "serve": _serve}[args.command]
     try:
         return command(args)
     except DataError as err:

@@ -32,6 +32,7 @@ the prompt up to where it differs: on the tiny config's validation questions (se
 the prompt tokens and 10% of the time; the demo config asks one question per poem.
 
 Free decoding (`decode_free`) lets the model write everything and repairs the text; it exists for comparison.
+`chat` answers a free conversation (infer.py chat, the server's /v1/chat/completions).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from .data.records import OPTION_LETTERS, Answer, Question
 from .prompt import PromptFormat
@@ -590,17 +591,54 @@ def _letter(choose: object, repairs: list[str]) -> str:
     return match.group().upper() if match else OPTION_LETTERS[0]
 
 
-def chat(model, tokenizer, prompt: str, max_new_tokens: int = 256, sample: bool = False, temperature: float = 0.7,
-         top_p: float = 0.9) -> str:
-    """Free prompting: the chat template when the tokenizer has one (no thinking block), plain text otherwise."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True, enable_thinking=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt)["input_ids"]
-    sampling = {"temperature": temperature, "top_p": top_p} if sample else {}
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    finish_reason: str  # "stop": the model ended its turn; "length": max_new_tokens ran out; "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _TextCallback(TextStreamer):
+    """Hands each finished piece of text to `on_text`; TextStreamer holds back a piece until its characters are
+    whole (a CJK character can span tokens)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+
+
+class _StopWhen(StoppingCriteria):
+    def __init__(self, cancelled: Callable[[], bool]):
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.cancelled(), dtype=torch.bool, device=input_ids.device)
+
+
+def chat(model, fmt: PromptFormat, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+         top_p: float = 1.0, on_text: Callable[[str], None] | None = None,
+         cancelled: Callable[[], bool] | None = None) -> Reply:
+    """The assistant's next turn after `messages` (see `PromptFormat.chat_ids`): greedy at temperature 0, else
+    sampled. `on_text` receives the reply piece by piece as it is generated; `cancelled` is polled after each
+    token and stops the generation when it turns true."""
+    ids = fmt.chat_ids(messages)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+        {"do_sample": False}
     with inference(model):
         input_ids = torch.tensor([ids], device=model_device(model))
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=sample,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            eos_token_id=list(fmt.end_ids), pad_token_id=padding_id(fmt),
+            streamer=_TextCallback(fmt.tokenizer, on_text) if on_text else None,
+            stopping_criteria=StoppingCriteriaList([_StopWhen(cancelled)]) if cancelled else None, **sampling)
+    new = out[0, len(ids):].tolist()
+    if cancelled and cancelled():
+        reason = "cancelled"
+    else:
+        reason = "stop" if new and new[-1] in fmt.end_ids else "length"
+    return Reply(fmt.tokenizer.decode(new, skip_special_tokens=True), reason, len(ids), len(new))

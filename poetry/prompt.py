@@ -144,6 +144,20 @@ class PromptFormat:
                 self._messages(text), add_generation_prompt=True, tokenize=True, enable_thinking=False))
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """A conversation (`{"role": "system"|"user"|"assistant", "content": text}` turns) rendered as training
+        renders a question, ending where the assistant speaks next: with the chat template, or as plain text where
+        each user turn ends in the answer cue. A lone user turn holding `render_user(q)` gives `prompt_ids(q)`.
+        With a chat template, `system_prompt` opens a conversation that brings no system turn of its own."""
+        if self.chat:
+            if self.system_prompt and not any(m["role"] == "system" for m in messages):
+                messages = [{"role": "system", "content": self.system_prompt}, *messages]
+            return _ids(self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, enable_thinking=False))
+        ends = {"system": "\n\n", "user": PLAIN_ANSWER_CUE, "assistant": "\n\n"}
+        text = "".join(m["content"] + ends[m["role"]] for m in messages)
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

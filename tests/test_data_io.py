@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from poetry.data import DataError, load_answers, load_poems, load_questions
+from poetry.data import DataError, load_answers, load_poems, load_questions, parse_questions
 from poetry.data.io import check_submission
 
 POEM = {"title": "静夜思", "content": "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
@@ -114,6 +114,20 @@ def test_top_level_must_be_list_and_dir_must_have_files(tmp_path):
 def test_question_errors(tmp_path, change, expected):
     path = write(tmp_path / "eval.json", [dict(QUESTION, **change)])
     assert error_of(load_questions, path).startswith(f"{path}:record 0: {expected}")
+
+
+def test_parsed_questions_validate_as_a_file_does(tmp_path):
+    """The server's path: JSON already parsed, one object or a list, the same checks and the same messages."""
+    path = write(tmp_path / "eval.json", [QUESTION])
+    loaded = load_questions(path).records
+    assert parse_questions(QUESTION, "request") == parse_questions([QUESTION], "request") == loaded
+    with pytest.raises(DataError, match=r"^request:record 1: field 'idx': duplicate idx 7"):
+        parse_questions([QUESTION, QUESTION], "request")
+    with pytest.raises(DataError, match=r"^request:record 0: field 'content': missing field"):
+        parse_questions({k: v for k, v in QUESTION.items() if k != "content"}, "request")
+    for data, expected in ((3, "got an integer"), ([], "empty list"), (None, "got null")):
+        with pytest.raises(DataError, match=f"^request: .*{expected}"):
+            parse_questions(data, "request")
 
 
 def test_duplicate_idx(tmp_path):

@@ -97,3 +97,26 @@ def test_overlong_examples_are_dropped_not_cut(tokenizer):
     assert len(dataset) == 1 and dataset[0]["input_ids"] == fmt.encode(short)["input_ids"]
     full = tokenize_examples([EXAMPLE, short], fmt, max_len=10_000)
     assert len(full) == 2 and full[0]["input_ids"] == fmt.encode(EXAMPLE)["input_ids"]
+
+
+def test_a_chat_turn_holding_the_question_is_the_training_prompt(tokenizer):
+    plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    plain.chat_template = None
+    turn = [{"role": "user", "content": render_user(QUESTION)}]
+    for fmt in (PromptFormat(tokenizer), PromptFormat(tokenizer, system_prompt="你是诗词专家。"), PromptFormat(plain)):
+        assert fmt.chat_ids(turn) == fmt.prompt_ids(QUESTION)
+
+
+def test_a_conversation_renders_every_turn_and_ends_where_the_assistant_speaks(tokenizer):
+    turns = [{"role": "user", "content": "写一首七言绝句。"}, {"role": "assistant", "content": "春眠不觉晓"},
+             {"role": "user", "content": "再写一首。"}]
+    text = tokenizer.decode(PromptFormat(tokenizer, system_prompt="你是诗人。").chat_ids(turns))
+    assert text.startswith("<|im_start|>system\n你是诗人。<|im_end|>") and "春眠不觉晓" in text
+    assert text.endswith("再写一首。<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    own_system = [{"role": "system", "content": "你是学者。"}, *turns]
+    text = tokenizer.decode(PromptFormat(tokenizer, system_prompt="你是诗人。").chat_ids(own_system))
+    assert "你是学者。" in text and "你是诗人。" not in text
+    plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    plain.chat_template = None
+    text = plain.decode(PromptFormat(plain).chat_ids(turns), skip_special_tokens=True)
+    assert text == f"写一首七言绝句。{PLAIN_ANSWER_CUE}春眠不觉晓\n\n再写一首。{PLAIN_ANSWER_CUE}"

@@ -141,6 +141,11 @@ def _load(path: str | Path, build: Callable[[_Fields, str], object], on_invalid:
     path = Path(path)
     shown = shown or str(path)
     records, label = _parse_records(path, shown)
+    return _validate(records, label, build, on_invalid, shown)
+
+
+def _validate(records: list[tuple[int, object]], label: str, build: Callable[[_Fields, str], object],
+              on_invalid: OnInvalid, shown: str) -> Loaded:
     loaded = Loaded([])
     for number, raw in records:
         issues: list[Issue] = []
@@ -237,6 +242,21 @@ def load_questions(path: str | Path, on_invalid: OnInvalid = "error") -> Loaded:
     loaded = _load(path, _question, on_invalid)
     _check_unique_idx(loaded, str(path))
     return loaded
+
+
+def parse_questions(data: object, source: str) -> list[Question]:
+    """Evaluation items already parsed from JSON (a list of them, or one object), validated as `load_questions`
+    validates a file; `source` names them in errors (e.g. `request`)."""
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError([Issue(source, None, None, f"expected a question object or a list of them, got "
+                                                   f"{_type_name(data)}")])
+    if not data:
+        raise DataError([Issue(source, None, None, "empty list of questions")])
+    loaded = _validate(list(enumerate(data)), "record", _question, "error", source)
+    _check_unique_idx(loaded, source)
+    return loaded.records
 
 
 def load_answers(path: str | Path) -> list[Answer]:
