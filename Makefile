@@ -48,7 +48,7 @@ test-slow: install-demo
 
 # The CPU benchmarks (bench/README.md): parity and speed against HF Trainer, padding, the chunked loss and the decoder
 # on Gemma-3-270M, poetry.memory's estimate against measured peaks, choose_id by letter and by likelihood, and the
-# GPU script's CPU smoke run. Each saves its JSON under bench/results/.
+# serving under concurrent load, and the GPU script's CPU smoke run. Each saves its JSON under bench/results/.
 bench: install-demo
 	$(BIN)/python bench/trainer.py parity
 	$(BIN)/python bench/trainer.py speed --config configs/tiny.yaml --steps 8 --rounds 1
@@ -57,6 +57,7 @@ bench: install-demo
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/decode.py --threads 1 --repeats 1
 	$(BIN)/python bench/choose.py --questions data/sample/eval.json --gold data/sample/eval_gold.json --label zero-shot
+	$(BIN)/python bench/serve.py --phases 1:8 16:32
 	$(BIN)/python bench/gpu.py --cpu-smoke
 
 # The whole product on the real pretrained Gemma-3-270M, through the same CLIs a researcher uses: fine-tune, then

@@ -109,3 +109,17 @@ def test_choose_benchmark_builds_the_held_out_questions_of_a_config():
     assert [q.choose for q in questions] == [e.question.choose for e in expected] and len(questions) > 5
     assert [q.qa_words for q in questions] == [e.question.qa_words for e in expected]
     assert gold == [e.answer.choose_id for e in expected]
+
+
+def test_serve_benchmark_loads_the_real_server_and_counts_the_batches(tiny_model_dir, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(tiny_model_dir),
+                             "--phases", "1:2", "4:8", "--max-batch", "4", "--max-new-tokens", "2", "--dtype", "fp32",
+                             "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [saved] = tmp_path.glob("serve-*.json")
+    single, loaded = json.loads(saved.read_text(encoding="utf-8"))["phases"]
+    assert (single["requests"], loaded["requests"]) == (2, 8)
+    assert single["errors"] == loaded["errors"] == single["invalid_answers"] == loaded["invalid_answers"] == 0
+    assert single["decodes_by_requests"] == {"1": 2}
+    assert sum(int(size) * n for size, n in loaded["decodes_by_requests"].items()) == 8
+    assert "infer.py serve under load" in result.stdout

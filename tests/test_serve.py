@@ -270,18 +270,25 @@ def test_over_capacity_gets_503_with_retry_after_and_the_admitted_still_answer()
 def test_requests_waiting_together_share_a_batch_of_at_most_max_batch():
     held = HeldModel()
     app = create_app(held.answer, held.chat, ServeConfig(max_batch=4, max_wait_s=0.0))
-    with serving(app) as base, ThreadPoolExecutor(1) as pool:
-        first = pool.submit(asyncio.run, post_all(base, [question(0)]))
-        wait_for(lambda: httpx.get(f"{base}/health").json()["queue"]["admitted"] == 1)
-        later = asyncio.run(_post_while_held(base, held, [question(i) for i in range(1, 7)]))
-        assert first.result()[0].status_code == 200
+    with serving(app) as base:
+        later = behind_a_held_request(base, held, [question(i) for i in range(1, 7)])
     assert [r.status_code for r in later] == [200] * 6
     assert [r.json()[0]["idx"] for r in later] == list(range(1, 7))  # each its own answer
     assert held.batches[0] == [0] and sorted(map(len, held.batches[1:])) == [2, 4]
 
 
+def behind_a_held_request(base: str, held: HeldModel, bodies: list) -> list[httpx.Response]:
+    """The responses to `bodies`, posted while the model thread is held on one request (idx 0) and released once all
+    of them are admitted: they wait together for the next batch."""
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(asyncio.run, post_all(base, [question(0)]))
+        wait_for(lambda: httpx.get(f"{base}/health").json()["queue"]["admitted"] == 1)
+        later = asyncio.run(_post_while_held(base, held, bodies))
+        assert first.result()[0].status_code == 200
+    return later
+
+
 async def _post_while_held(base: str, held: HeldModel, bodies: list) -> list[httpx.Response]:
-    """Posts `bodies` while the model thread is held, then releases it once all of them are admitted."""
     async def release_when_admitted():
         async with httpx.AsyncClient(base_url=base) as session:
             while (await session.get("/health")).json()["queue"]["admitted"] < 1 + len(bodies):
@@ -295,11 +302,8 @@ async def _post_while_held(base: str, held: HeldModel, bodies: list) -> list[htt
 def test_a_request_that_breaks_decoding_fails_alone():
     held = HeldModel()
     app = create_app(held.answer, held.chat, ServeConfig(max_batch=8, max_wait_s=0.0))
-    with serving(app) as base, ThreadPoolExecutor(1) as pool:
-        first = pool.submit(asyncio.run, post_all(base, [question(0)]))
-        wait_for(lambda: httpx.get(f"{base}/health").json()["queue"]["admitted"] == 1)
-        good, bad, other = asyncio.run(_post_while_held(base, held, [question(1), question(666), question(2)]))
-        assert first.result()[0].status_code == 200
+    with serving(app) as base:
+        good, bad, other = behind_a_held_request(base, held, [question(1), question(666), question(2)])
         stats = httpx.get(f"{base}/health").json()["stats"]
     assert good.status_code == other.status_code == 200 and [good.json()[0]["idx"], other.json()[0]["idx"]] == [1, 2]
     assert bad.status_code == 500 and "a stand-in failure" in bad.json()["error"]["message"]
