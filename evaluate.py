@@ -1,4 +1,5 @@
-"""Score a submission against gold answers with the task's metrics (see poetry.metrics).
+"""Score a submission against gold answers with the task's metrics (see poetry.metrics), and ROUGE-1/2/L on
+characters beside them (in no total).
 
     python evaluate.py --pred submission.json --gold gold.json [--bertscore-model DIR] [--report out.json]
     python evaluate.py --pred zero_shot.json --pred finetuned.json --gold gold.json ...   (side by side)
@@ -45,7 +46,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from poetry.data import DataError, check_submission, load_answers  # noqa: E402
-from poetry.metrics import BertScore, MetricUnavailable, Scores, score_answers  # noqa: E402
+from poetry.metrics import ROUGE_TYPES, BertScore, MetricUnavailable, Scores, score_answers  # noqa: E402
 
 
 def _bertscore(model_dir: str | None, layer: int) -> tuple[BertScore | None, str]:
@@ -76,6 +77,11 @@ def _table(runs: dict[str, Scores], title: str) -> Table:
     row("bleu_words_reweighed", "bleu_words_reweighed", "n/a")
     row("bleu_sents_reweighed", "bleu_sents_reweighed", "n/a")
     row("proxy_total (no BERTScore)", "proxy_total", "n/a")
+    table.add_section()
+    for part in ("words", "sents"):
+        for kind in ROUGE_TYPES:
+            table.add_row(f"{kind}_{part} (F, characters)",
+                          *(shown(scores.rouge(part, kind), "n/a") for scores in runs.values()))
     return table
 
 

@@ -5,8 +5,10 @@
                     [--batch-size N] [--max-new-tokens N] [--system-prompt TEXT]
                     [--load-in-4bit | --load-in-8bit] [--dtype auto|fp32|bf16|fp16]
     python infer.py merge --model DIR --adapter DIR --out DIR [--dtype auto|fp32|bf16|fp16]
-    python infer.py chat --model DIR [--adapter DIR] --prompt TEXT [--sample --temperature T --top-p P]
-                    [--max-new-tokens N] [--dtype auto|fp32|bf16|fp16]
+    python infer.py chat --model DIR [--adapter DIR] [--prompt TEXT] [--sample --temperature T --top-p P]
+                    [--max-new-tokens N] [--system-prompt TEXT] [--dtype auto|fp32|bf16|fp16]
+    python infer.py perplexity --model DIR [--adapter DIR] --input questions.json --gold gold.json [--batch-size N]
+                    [--system-prompt TEXT] [--dtype auto|fp32|bf16|fp16]
     python infer.py serve --model DIR [--adapter DIR] [--host 127.0.0.1 --port 8000] [--served-model-name NAME]
                     [--max-batch N] [--max-wait-ms MS] [--max-queue N] [--max-chat-tokens N]
                     [--choose ...] [--max-new-tokens N] [--system-prompt TEXT] [--dtype ...]
@@ -21,6 +23,14 @@ how constrained decoding picks choose_id: the letter's logit, calibrated, or the
 the model was trained with (data.system_prompt). The submission is checked as the official scorer checks it before
 anything is written. Bad input is one `error:` line on stderr and exit code 2.
 
+`chat` answers one `--prompt`, or without it converses: replies stream as they are generated, the conversation is
+kept as history (/reset forgets it, /exit leaves), and it is rendered as training renders a question (the chat
+template, or the plain template's answer cue; see PromptFormat.chat_ids).
+
+`perplexity` scores the gold answers to questions as training scores its targets: the prompt masked, the loss per
+target token averaged over all of them, exp of it. On a run's held-out questions (python -m poetry.data export-val)
+with its checkpoint and dtype it is the run's val/ppl at that step.
+
 `serve` answers over HTTP (see poetry.serve): POST /v1/answer takes evaluation questions and returns what predict
 would write for them, concurrent requests batched together; POST /v1/chat/completions is OpenAI's chat API,
 streaming included. It needs the `serve` extra: pip install -e '.[serve]'.
@@ -32,6 +42,7 @@ avx512_bf16/amx_bf16), else fp16 on a GPU and fp32 on a CPU: bf16 on a CPU witho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
 import time
@@ -39,7 +50,7 @@ import typing
 
 from poetry.config import ChoiceMethod
 
-SUBCOMMANDS = ("predict", "merge", "chat", "serve")
+SUBCOMMANDS = ("predict", "merge", "chat", "perplexity", "serve")
 HELP_FLAGS = ("-h", "--help")
 # poetry.precision.DTYPES and auto, spelled out here because importing poetry.precision loads torch
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -98,9 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     _model_arguments(merge, adapter_required=True)
     merge.add_argument("--out", required=True, help="directory for the merged model (safetensors) and tokenizer")
 
-    chatting = _subcommand(commands, "chat", "answer one free prompt")
+    chatting = _subcommand(commands, "chat", "answer one free prompt, or converse (without --prompt)")
     _model_arguments(chatting)
-    chatting.add_argument("--prompt", required=True, help="the user message to answer")
+    chatting.add_argument("--prompt", help="the user message to answer; without it, an interactive conversation")
+    chatting.add_argument("--system-prompt", default="",
+                          help="system message the model was trained with (default: none)")
     chatting.add_argument("--max-new-tokens", type=_positive, default=256,
                           help="length limit of the reply (default: %(default)s)")
     chatting.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -108,6 +121,15 @@ def _parser() -> argparse.ArgumentParser:
                           help="with --sample: softmax temperature (default: %(default)s)")
     chatting.add_argument("--top-p", type=float, default=0.9,
                           help="with --sample: nucleus probability mass (default: %(default)s)")
+
+    scoring = _subcommand(commands, "perplexity", "perplexity of gold answers, prompts masked as in training")
+    _model_arguments(scoring)
+    scoring.add_argument("--input", required=True, help="the questions: a JSON list or JSONL")
+    scoring.add_argument("--gold", required=True, help="their gold answers, in the submission format and order")
+    scoring.add_argument("--batch-size", type=_positive, default=8,
+                         help="examples per forward, grouped by length (default: %(default)s)")
+    scoring.add_argument("--system-prompt", default="",
+                         help="system message the model was trained with (default: none)")
 
     serving = _subcommand(commands, "serve", "answer questions and chat over HTTP (FastAPI + uvicorn)")
     _model_arguments(serving)
@@ -156,11 +178,14 @@ from poetry.builtin import resolve_model_path  # noqa: E402
 from poetry.checkpoint import resolve_adapter  # noqa: E402
 from poetry.choice import answer_questions  # noqa: E402
 from poetry.config import ModelConfig  # noqa: E402
-from poetry.data import DataError, check_submission, load_questions, write_submission  # noqa: E402
-from poetry.decode import UnsupportedTokenizer, chat, decode_free  # noqa: E402
+from poetry.data import DataError, Example, check_submission, load_answers, load_questions, write_submission  # noqa: E402
+from poetry.decode import UnsupportedTokenizer, chat, decode_free, model_device  # noqa: E402
+from poetry.feed import Collator  # noqa: E402
+from poetry.loss import TargetOnlyLoss  # noqa: E402
 from poetry.model import load_model, load_tokenizer  # noqa: E402
 from poetry.precision import choose, default_device  # noqa: E402
-from poetry.prompt import PromptFormat  # noqa: E402
+from poetry.prompt import PromptFormat, tokenize_examples  # noqa: E402
+from poetry.validation import perplexity, target_loss_sums  # noqa: E402
 
 
 def _dtype(requested: str, device: str) -> str:
@@ -260,9 +285,63 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
-    reply = chat(model, PromptFormat(tokenizer), [{"role": "user", "content": args.prompt}], args.max_new_tokens,
-                 args.temperature if args.sample else 0.0, args.top_p)
-    print(reply.text, flush=True)
+    fmt = PromptFormat(tokenizer, system_prompt=args.system_prompt)
+    reply = functools.partial(chat, model, fmt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature if args.sample else 0.0, top_p=args.top_p)
+    if args.prompt is not None:
+        print(reply([{"role": "user", "content": args.prompt}]).text, flush=True)
+        return 0
+    _converse(reply, args.max_new_tokens)
+    return 0
+
+
+CHAT_HELP = "type a message and press Enter; /reset forgets the conversation, /exit (or Ctrl-D) leaves"
+
+
+def _converse(reply: typing.Callable, max_new_tokens: int) -> None:
+    """The interactive chat: each reply streamed as it is generated, the conversation kept as history. Ctrl-C
+    stops a reply (its turn is dropped from the history)."""
+    print(CHAT_HELP, flush=True)
+    history: list[dict] = []
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            print(flush=True)
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history.clear()
+            print("(conversation forgotten)", flush=True)
+        elif text.startswith("/"):
+            print(f"unknown command {text}: {CHAT_HELP}", flush=True)
+        elif text:
+            history.append({"role": "user", "content": text})
+            try:
+                answer = reply(history, on_text=lambda piece: print(piece, end="", flush=True))
+            except KeyboardInterrupt:
+                history.pop()
+                print("\n(stopped)", flush=True)
+                continue
+            print("\n(cut at --max-new-tokens)" if answer.finish_reason == "length" else "", flush=True)
+            history.append({"role": "assistant", "content": answer.text})
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    questions = load_questions(args.input).records
+    gold = load_answers(args.gold)
+    check_submission(questions, gold, args.gold)  # the gold answers these questions, in order
+    model, tokenizer = _load(args)
+    fmt = PromptFormat(tokenizer, system_prompt=args.system_prompt)
+    examples = [Example(q, a) for q, a in zip(questions, gold, strict=True)]
+    dataset = tokenize_examples(examples, fmt, max_len=sys.maxsize)  # scored whole, however long
+    totals = target_loss_sums(TargetOnlyLoss(model).eval(), dataset, args.batch_size, Collator(tokenizer.pad_token_id),
+                              model_device(model), contextlib.nullcontext)
+    loss_sum, n_targets = totals.tolist()
+    mean, ppl = perplexity(loss_sum, n_targets)
+    print(f"perplexity {ppl:.4f}: mean loss {mean:.6f} per target token over {int(n_targets)} target tokens of "
+          f"{len(examples)} gold answers", flush=True)
     return 0
 
 
@@ -304,7 +383,8 @@ def _error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    command = {"predict": _predict, "merge": _merge, "chat": _chat, "serve": _serve}[args.command]
+    command = {"predict": _predict, "merge": _merge, "chat": _chat, "perplexity": _perplexity,
+               "serve": _serve}[args.command]
     try:
         return command(args)
     except DataError as err:

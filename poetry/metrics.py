@@ -1,4 +1,4 @@
-"""The task's metrics: character BLEU, Chinese BERTScore, emotion accuracy and the official total.
+"""The task's metrics: character BLEU, Chinese BERTScore, emotion accuracy and the official total; ROUGE beside.
 
     total = 0.5 * acc + 0.5 * mean(bleu_words, bleu_sents, bertscore_words, bertscore_sents)
 
@@ -21,6 +21,10 @@ official setting); nothing is fetched from the hub. Without it `total` is None a
 silent zero. `proxy_total = 0.5 * acc + 0.5 * mean(bleu_words, bleu_sents)` is what in-training curves use, where
 BERTScore is off; it is not comparable with published totals (BERTScore, near 0.9, would raise it).
 
+ROUGE-1, ROUGE-2 and ROUGE-L F-measures over characters (rouge-score, Google's reimplementation of ROUGE-1.5.5) are
+extra columns, in no total. rouge-score's default tokenizer keeps only [a-z0-9] and would score every Chinese answer
+0; it is given a character tokenizer (whitespace dropped, punctuation kept, as BLEU's characters).
+
 An empty (or all-whitespace) answer scores 0 and is never handed to nltk or bert-score: BertTokenizer models crash on
 an empty candidate.
 """
@@ -31,6 +35,7 @@ from itertools import islice
 from pathlib import Path
 
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+from rouge_score.rouge_scorer import RougeScorer
 
 from .data import Answer
 
@@ -43,6 +48,25 @@ def char_bleu(reference: str, hypothesis: str, reweigh: bool = False) -> float:
         return 0.0
     return float(sentence_bleu([list(reference)], list(hypothesis), smoothing_function=_SMOOTHING,
                                auto_reweigh=reweigh))
+
+
+class _Characters:
+    """rouge-score's tokenizer interface, one token per character."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return [char for char in text if not char.isspace()]
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+_ROUGE = RougeScorer(list(ROUGE_TYPES), tokenizer=_Characters())
+
+
+def char_rouge(reference: str, hypothesis: str) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures over characters; 0 when either side is empty."""
+    if not hypothesis.strip() or not reference.strip():
+        return dict.fromkeys(ROUGE_TYPES, 0.0)
+    return {kind: score.fmeasure for kind, score in _ROUGE.score(reference, hypothesis).items()}
 
 
 class MetricUnavailable(Exception):
@@ -124,6 +148,7 @@ class AnswerScore:
     bleu: float
     bleu_reweighed: float
     bertscore: float | None
+    rouge: dict[str, float]  # F-measure of each of ROUGE_TYPES
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,6 +197,10 @@ class Scores:
     def _bertscore(self, part: str) -> float | None:
         return None if self.bertscore_off else _mean([a.bertscore for a in self._answers(part)])
 
+    def rouge(self, part: str, kind: str) -> float | None:
+        """Mean F-measure of ROUGE `kind` (one of ROUGE_TYPES) over the `part` ("words" or "sents") answers."""
+        return _mean([a.rouge[kind] for a in self._answers(part)])
+
     @property
     def bleu_words(self) -> float | None:
         return self._bleu("words", reweighed=False)
@@ -218,6 +247,7 @@ class Scores:
         names = ("total", "proxy_total", "acc", "bleu_words", "bleu_sents", "bertscore_words", "bertscore_sents",
                  "bleu_words_reweighed", "bleu_sents_reweighed", "incomplete", "bertscore_off")
         return {**{name: getattr(self, name) for name in names},
+                **{f"{kind}_{part}": self.rouge(part, kind) for part in ("words", "sents") for kind in ROUGE_TYPES},
                 "counts": {"items": len(self.items), "words": len(self._answers("words")),
                            "sents": len(self._answers("sents"))},
                 "items": [item.to_dict() for item in self.items]}
@@ -231,8 +261,8 @@ def _pairs(gold: dict[str, str], pred: dict[str, str]) -> list[tuple[str, str, s
 
 def _score_part(pairs: list[tuple[str, str, str]], bertscore: BertScore | None) -> list[AnswerScore]:
     f1 = bertscore.f1([p for _, _, p in pairs], [g for _, g, _ in pairs]) if bertscore else [None] * len(pairs)
-    return [AnswerScore(key, gold, pred, char_bleu(gold, pred), char_bleu(gold, pred, reweigh=True), value)
-            for (key, gold, pred), value in zip(pairs, f1, strict=True)]
+    return [AnswerScore(key, gold, pred, char_bleu(gold, pred), char_bleu(gold, pred, reweigh=True), value,
+                        char_rouge(gold, pred)) for (key, gold, pred), value in zip(pairs, f1, strict=True)]
 
 
 def score_answers(gold: list[Answer], pred: list[Answer], bertscore: BertScore | None = None,

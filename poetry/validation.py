@@ -17,6 +17,29 @@ from .config import EvalConfig
 from .metrics import BertScore, combine, score_answers
 
 
+@torch.no_grad()
+def target_loss_sums(loss_module, dataset, batch_size: int, collate: Callable, device, autocast: Callable,
+                     shard: Callable[[list], list] = list) -> torch.Tensor:
+    """[summed token loss, target tokens] (float64) of a tokenised dataset, in batches of `batch_size` examples of
+    similar length; `shard` picks this rank's batches (shards may differ in size: sum them over ranks, never average
+    their means)."""
+    order = sorted(range(len(dataset)), key=lambda i: dataset[i]["length"])
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    totals = torch.zeros(2, device=device, dtype=torch.float64)
+    for indices in shard(batches):
+        batch = {k: v.to(device) for k, v in collate(dataset[indices]).items()}
+        with autocast():
+            loss_sum, n_targets = loss_module(**batch)
+        totals += torch.stack([loss_sum.double(), n_targets.double()])
+    return totals
+
+
+def perplexity(loss_sum: float, n_targets: float) -> tuple[float, float]:
+    """(mean loss per target token, its perplexity); the exponent is capped at 50 so a diverged run logs a number."""
+    mean = loss_sum / n_targets
+    return mean, math.exp(min(mean, 50.0))
+
+
 class Validator:
     def __init__(self, cfg: EvalConfig, data, fmt, collate, parallel, autocast: Callable, heartbeat: Callable):
         self.cfg, self.data, self.fmt, self.collate = cfg, data, fmt, collate
@@ -40,20 +63,11 @@ class Validator:
             parts.append(f"decoding {len(self.data.val_examples[:self.cfg.max_questions or None])} questions")
         return ", ".join(parts) or "nothing to evaluate (no validation poems)"
 
-    @torch.no_grad()
     def loss(self, loss_module) -> dict[str, float]:
-        dataset, device = self.data.val_dataset, self.device
-        order = sorted(range(len(dataset)), key=lambda i: dataset[i]["length"])
-        batches = [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
-        totals = torch.zeros(2, device=device, dtype=torch.float64)
-        for indices in self.parallel.shard(batches):  # shards may differ in size: sums are reduced, not averaged
-            batch = {k: v.to(device) for k, v in self.collate(dataset[indices]).items()}
-            with self.autocast():
-                loss_sum, n_targets = loss_module(**batch)
-            totals += torch.stack([loss_sum.double(), n_targets.double()])
-        loss_sum, n_targets = self.parallel.sum(totals).tolist()
-        mean = loss_sum / n_targets
-        return {"val/loss": mean, "val/ppl": math.exp(min(mean, 50.0))}
+        totals = target_loss_sums(loss_module, self.data.val_dataset, self.cfg.batch_size, self.collate, self.device,
+                                  self.autocast, self.parallel.shard)
+        mean, ppl = perplexity(*self.parallel.sum(totals).tolist())
+        return {"val/loss": mean, "val/ppl": ppl}
 
     @cached_property
     def bertscore(self) -> BertScore | None:

@@ -55,6 +55,9 @@ def test_good_files_write_a_report(tmp_path, gold, capsys):
     first_word = report["items"][0]["words"][0]
     assert first_word["key"] == "疑" and first_word["bleu"] == pytest.approx(0.1 ** 0.25)  # identical, 3 chars
     assert first_word["bleu_reweighed"] == pytest.approx(1.0) and first_word["bertscore"] is None
+    assert first_word["rouge"] == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert {f"{kind}_{part}" for kind in ("rouge1", "rouge2", "rougeL") for part in ("words", "sents")} <= set(report)
+    assert "rougeL_sents (F, characters)" in out.out
 
 
 def test_bertscore_model_gives_a_complete_total(tmp_path, gold, capsys):

@@ -2,6 +2,7 @@
 --dtype choice, and one `error:` line with exit code 2 for bad input, a missing model or an unknown subcommand."""
 import importlib.util
 import json
+import re
 import shutil
 
 import pytest
@@ -210,3 +211,51 @@ def test_options_first_still_mean_predict(capsys):
     with pytest.raises(SystemExit) as exit_:
         infer.main(["--model", "m", "--help"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: infer.py predict")
+
+
+def test_chat_without_a_prompt_converses_streams_and_resets(tiny_model_dir, monkeypatch, capsys):
+    from poetry.decode import chat
+    from poetry.model import load_tokenizer
+    from poetry.prompt import PromptFormat
+
+    first, second = "写一首七言绝句，题为《秋思》。", "再写一首五言的。"
+    typed = iter([first, second, "/reset", first, "/bogus", "", "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    code, printed = run(capsys, "chat", "--model", tiny_model_dir, "--max-new-tokens", 6, "--dtype", "fp32")
+    assert code == 0 and next(typed) == "never read"
+
+    model = load_model(ModelConfig(path=str(tiny_model_dir), dtype="fp32"), for_training=False)
+    fmt = PromptFormat(load_tokenizer(str(tiny_model_dir)))
+    alone = chat(model, fmt, [{"role": "user", "content": first}], 6)
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": alone.text},
+               {"role": "user", "content": second}]
+    followed = chat(model, fmt, history, 6)
+    assert followed.text != chat(model, fmt, history[-1:], 6).text  # the history reached the model
+
+    def shown(reply):
+        return reply.text + ("\n(cut at --max-new-tokens)\n" if reply.finish_reason == "length" else "\n")
+
+    expected = (shown(alone) + shown(followed) + "(conversation forgotten)\n" + shown(alone)
+                + f"unknown command /bogus: {infer.CHAT_HELP}\n")
+    assert printed.out.split(infer.CHAT_HELP + "\n", 1)[1] == expected
+
+
+def test_chat_ends_at_end_of_input(tiny_model_dir, monkeypatch, capsys):
+    def typed(prompt=""):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", typed)
+    code, printed = run(capsys, "chat", "--model", tiny_model_dir, "--dtype", "fp32")
+    assert code == 0 and printed.out.endswith(infer.CHAT_HELP + "\n\n")
+
+
+def test_perplexity_refuses_gold_that_does_not_answer_the_questions(tiny_model_dir, tmp_path, capsys):
+    gold = json.loads((SAMPLE / "eval_gold.json").read_text(encoding="utf-8"))
+    short = tmp_path / "gold.json"
+    short.write_text(json.dumps(gold[:-1], ensure_ascii=False), encoding="utf-8")
+    code, printed = run(capsys, "perplexity", "--model", tiny_model_dir, "--input", EVAL, "--gold", short)
+    assert code == 2 and printed.err == f"error: {short}: {len(gold) - 1} answers for {len(gold)} questions\n"
+    code, printed = run(capsys, "perplexity", "--model", tiny_model_dir, "--input", EVAL,
+                        "--gold", SAMPLE / "eval_gold.json", "--dtype", "fp32", "--batch-size", 4)
+    assert code == 0 and re.search(r"perplexity [\d.]+: mean loss [\d.]+ per target token over \d+ target tokens of "
+                                   r"14 gold answers", printed.out)

@@ -1,11 +1,11 @@
-"""Metrics: BLEU against hand-derived values, the total's arithmetic, BERTScore on a tiny random BERT."""
+"""Metrics: BLEU and ROUGE against hand-derived values, the total's arithmetic, BERTScore on a tiny random BERT."""
 import json
 import math
 
 import pytest
 
 from poetry.data import Answer
-from poetry.metrics import BertScore, MetricUnavailable, char_bleu, score_answers
+from poetry.metrics import BertScore, MetricUnavailable, char_bleu, char_rouge, score_answers
 
 # Hand-made set. Every answer is either identical to its gold (>= 4 characters, so BLEU 1) or shares no character
 # with it (BLEU 0), so the aggregates can be derived by hand.
@@ -219,3 +219,61 @@ def test_bertscore_frames_a_decoder_tokenizer_like_bert(tiny_model_dir, capfd):
     assert f1 == pytest.approx([by_hand_f1(tiny_model_dir, 1, c, r) for c, r in pairs], abs=1e-5)
     assert f1[2] == pytest.approx(1.0, abs=1e-5) and all(0 < value < 0.999 for value in (f1[0], f1[1], f1[3]))
     assert "Empty candidate" not in capfd.readouterr().err
+
+
+def lcs(a: str, b: str) -> int:
+    """Longest common subsequence, by the textbook dynamic programme."""
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
+def f_measure(overlap: int, hypothesis: int, reference: int) -> float:
+    precision, recall = overlap / hypothesis, overlap / reference
+    return 0.0 if overlap == 0 else 2 * precision * recall / (precision + recall)
+
+
+def ngram_overlap(reference: str, hypothesis: str, n: int) -> tuple[int, int, int]:
+    from collections import Counter
+
+    def grams(text):
+        return Counter(text[i:i + n] for i in range(len(text) - n + 1))
+
+    ref, hyp = grams(reference), grams(hypothesis)
+    return sum((ref & hyp).values()), sum(hyp.values()), sum(ref.values())
+
+
+@pytest.mark.parametrize("reference, hypothesis", [
+    ("床前洒满月光，好像地上结了霜。", "床前的月光好像地上的霜。"),
+    ("抬头望着明月", "低头思念故乡"),
+    ("明亮的月光", "月光明亮"),
+    ("在山中送走了友人，黄昏时关上柴门。", "送走友人以后，我在黄昏关上了柴门。"),
+])
+def test_rouge_on_chinese_characters_equals_a_hand_computed_lcs_and_overlap(reference, hypothesis):
+    scores = char_rouge(reference, hypothesis)
+    assert scores["rougeL"] == pytest.approx(f_measure(lcs(reference, hypothesis), len(hypothesis), len(reference)))
+    assert scores["rouge1"] == pytest.approx(f_measure(*ngram_overlap(reference, hypothesis, 1)))
+    assert scores["rouge2"] == pytest.approx(f_measure(*ngram_overlap(reference, hypothesis, 2)))
+
+
+def test_rouge_ignores_whitespace_and_scores_empty_answers_zero():
+    assert char_rouge("明亮的 月光", "明亮的月光") == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert char_rouge("明亮的月光", "  ") == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+
+
+def test_rouge_scores_default_tokenizer_would_score_chinese_zero():
+    """Why poetry.metrics gives rouge-score a tokenizer: its default keeps [a-z0-9] only."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    assert RougeScorer(["rougeL"]).score("床前明月光", "床前明月光")["rougeL"].fmeasure == 0.0
+    assert char_rouge("床前明月光", "床前明月光")["rougeL"] == 1.0
+
+
+def test_rouge_aggregates_average_over_answers():
+    scores = score_answers(GOLD, PRED)
+    words = [char_rouge(g, p)["rougeL"] for g, p in (("好像是这样", "好像是这样"), ("抬起头来", "完全不同"),
+                                                      ("明亮的月光", "明亮的月光"))]
+    assert scores.rouge("words", "rougeL") == pytest.approx(sum(words) / 3) == pytest.approx(2 / 3)
+    assert scores.to_dict()["rougeL_words"] == scores.rouge("words", "rougeL")

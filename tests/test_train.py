@@ -417,3 +417,30 @@ def test_train_state_round_trips_every_counter():
     restored = train_script.TrainState()
     restored.load_state_dict(state.state_dict())
     assert restored == state and set(state.state_dict()) == {f.name for f in dataclasses.fields(state)}
+
+
+def test_infer_perplexity_on_the_exported_held_out_gold_is_the_runs_val_ppl(tiny_model_dir, few_poems, tmp_path,
+                                                                             capsys):
+    import importlib.util
+
+    from poetry.data.__main__ import main as data_main
+
+    spec = importlib.util.spec_from_file_location("infer_cli", ROOT / "infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+    cfg = config(tiny_model_dir, few_poems, tmp_path / "run", "train.max_steps=2", "eval.every=2",
+                 "train.save_every=2", "data.val_fraction=0.3", "data.max_items=100")  # one whole question a poem
+    run_dir, _ = train_script.train(cfg)
+    logged = next(m for m in metrics(run_dir) if "val/ppl" in m and m["step"] == 2)
+    scored = int(re.search(r"loss on (\d+) validation examples", capsys.readouterr().out).group(1))
+    assert data_main(["export-val", "--config", str(run_dir / "config.yaml"), "--out", str(tmp_path / "heldout")]) == 0
+    assert f"{scored} complete validation questions" in capsys.readouterr().out  # the same questions, all of them
+    checkpoint = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    assert infer.main(["perplexity", "--model", str(tiny_model_dir), "--adapter", str(checkpoint), "--dtype", "fp32",
+                       "--input", str(tmp_path / "heldout" / "questions.json"),
+                       "--gold", str(tmp_path / "heldout" / "gold.json"),
+                       "--batch-size", str(cfg.eval.batch_size)]) == 0
+    printed = capsys.readouterr().out
+    ppl, mean = map(float, re.search(r"perplexity ([\d.]+): mean loss ([\d.]+) per target token", printed).groups())
+    assert mean == pytest.approx(logged["val/loss"], rel=1e-6, abs=1e-6)
+    assert ppl == pytest.approx(logged["val/ppl"], rel=1e-4)
