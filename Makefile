@@ -26,11 +26,11 @@ $(VENV)/.torch: | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed: setup.cfg pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install -q -e '.[dev,serve]'
+	$(BIN)/python -m pip install -q -e '.[dev,serve,track]'
 	touch $@
 
 $(VENV)/.installed-demo: setup.cfg pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[dev,serve,demo]'
+	$(BIN)/python -m pip install -q -e '.[dev,serve,track,demo]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -138,7 +138,7 @@ def setup_processes(cfg: Config) -> tuple[Accelerator, runlog.RunLog, Path | Non
     accelerator = Accelerator(cpu=cfg.train.cpu, log_with=tracker, project_dir=run_dir)
     if tracker:
         accelerator.init_trackers(runlog.TRACKER_PROJECT, config=runlog.flat_config(cfg),
-                                  init_kwargs={"wandb": {"name": run_dir.name}})
+                                  init_kwargs=runlog.tracker_init_kwargs(cfg.log, run_dir))
     resume = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")
     log = runlog.RunLog(cfg, run_dir, accelerator.is_main_process, accelerator if tracker else None,
                         resumed_at=checkpoint.step_of(resume) if resume else None)

@@ -117,6 +117,8 @@ class LogConfig:
     dir: str = ""  # run directory; empty = runs/<date-time>
     every: int = 1  # optimizer steps between console lines (metrics.jsonl gets every step)
     tracker: Literal["none", "tensorboard", "wandb", "swanlab"] = "none"
+    # wandb and swanlab: offline writes into the run directory, no account or network (sync later); online uploads
+    tracker_mode: Literal["offline", "online"] = "offline"
     curves: bool = True  # PNG curves in the run directory
 
 

@@ -38,8 +38,15 @@ def tracker_for(cfg: LogConfig) -> str | None:
 
     if cfg.tracker not in {str(tracker) for tracker in get_available_trackers()}:  # enums, not strings
         raise ConfigError(f"log.tracker={cfg.tracker}: the {cfg.tracker} package is not installed "
-                          f"(pip install {cfg.tracker})")
+                          f"(pip install {cfg.tracker}, or the track extra: pip install -e '.[track]')")
     return cfg.tracker
+
+
+def tracker_init_kwargs(cfg: LogConfig, run_dir: Path) -> dict:
+    """Each tracker's init arguments: named after the run; wandb's and swanlab's files inside the run directory,
+    offline (nothing leaves the machine, no login) unless log.tracker_mode=online."""
+    return {"wandb": {"name": run_dir.name, "dir": str(run_dir), "mode": cfg.tracker_mode},
+            "swanlab": {"name": run_dir.name, "log_dir": str(run_dir / "swanlog"), "mode": cfg.tracker_mode}}
 
 
 def flat_config(cfg: Config) -> dict[str, int | float | str | bool]:

@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -253,13 +254,78 @@ def test_tensorboard_tracker_receives_the_logged_metrics(tiny_model_dir, few_poe
     assert [e.step for e in events.Scalars("val/loss")] == [1, 2]
 
 
-def test_a_tracker_that_is_not_installed_is_an_error(capsys):
-    from accelerate.tracking import get_available_trackers
+def test_a_tracker_that_is_not_installed_is_an_error(capsys, monkeypatch):
+    import accelerate.tracking
 
-    if "wandb" in map(str, get_available_trackers()):
-        pytest.skip("wandb is installed here")
+    installed = accelerate.tracking.get_available_trackers()
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers",
+                        lambda: [tracker for tracker in installed if str(tracker) != "wandb"])
     assert train_script.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "log.tracker=wandb"]) == 2
     assert "log.tracker=wandb: the wandb package is not installed" in capsys.readouterr().err
+
+
+def leveldb_log_records(path: Path) -> list[bytes]:
+    """The records of a LevelDB log file (github.com/google/leveldb/blob/main/doc/log_format.md), the container
+    of wandb's and swanlab's run files: 32 KiB blocks of chunks, each a 7-byte header (crc, length, type) and data;
+    a record is a FULL chunk, or FIRST, MIDDLE.., LAST. Both files open with their own 7-byte header."""
+    data, block, position, records, pending = path.read_bytes(), 32768, 7, [], b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0:
+            break
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            records.append(pending)
+            pending = b""
+    return records
+
+
+def wandb_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from wandb.proto import wandb_internal_pb2
+
+    [path] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    logged: dict[str, list[tuple[int, float]]] = {}
+    for raw in leveldb_log_records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+            for key, value in row.items():
+                if not key.startswith("_"):
+                    logged.setdefault(key, []).append((row["_step"], value))
+    return logged
+
+
+def swanlab_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+
+    [path] = run_dir.glob("swanlog/run-*/run-*.swanlab")
+    logged: dict[str, list[tuple[int, float]]] = {}
+    for raw in leveldb_log_records(path):
+        record = Record()
+        record.ParseFromString(raw)
+        if record.HasField("scalar"):
+            logged.setdefault(record.scalar.key, []).append((record.scalar.step, record.scalar.value.number))
+    return logged
+
+
+@pytest.mark.parametrize("tracker, history", [("wandb", wandb_history), ("swanlab", swanlab_history)])
+def test_an_offline_tracker_receives_the_logged_metrics_without_account_or_network(tiny_model_dir, few_poems, tmp_path,
+                                                                                   monkeypatch, tracker, history):
+    for variable in ("WANDB_API_KEY", "SWANLAB_API_KEY", "WANDB_MODE", "SWANLAB_MODE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no saved login either
+    cfg = config(tiny_model_dir, few_poems, tmp_path / "run", f"log.tracker={tracker}", "train.max_steps=2",
+                 "eval.every=1", "data.val_fraction=0.3")
+    run_dir, _ = train_script.train(cfg)
+    logged = history(run_dir)
+    for key in ("train/loss", "train/lr", "val/loss"):
+        expected = [(m["step"], pytest.approx(m[key])) for m in metrics(run_dir) if key in m]
+        assert logged[key] == expected and expected, key
 
 
 def test_plain_log_lines_say_where_the_run_is(tiny_model_dir, few_poems, tmp_path, capsys):
