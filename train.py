@@ -47,7 +47,7 @@ from poetry.builtin import resolve_model_path  # noqa: E402
 from poetry.config import Config, ConfigError, check_inputs, load_config  # noqa: E402
 from poetry.data import DataError  # noqa: E402
 from poetry.loss import TargetOnlyLoss  # noqa: E402
-from poetry.model import add_lora, load_model, load_tokenizer, trainable_parameters  # noqa: E402
+from poetry.model import add_adapter, load_model, load_tokenizer, trainable_parameters  # noqa: E402
 from poetry.parallel import Parallel  # noqa: E402
 from poetry.precision import DTYPES  # noqa: E402
 from poetry.prompt import PromptFormat  # noqa: E402
@@ -165,14 +165,21 @@ def setup_tokenizer(cfg: Config, accelerator: Accelerator):
 
 
 def setup_model(cfg: Config, path: str, accelerator: Accelerator, log: runlog.RunLog):
-    """(PEFT model, this process's resident GB before the weights on CPU): a frozen base and fp32 LoRA adapters, on
-    this process's device, after the memory estimate."""
+    """(model, this process's resident GB before the weights on CPU): a frozen base and fp32 adapters (or, for
+    peft.method=full, the whole model in fp32) on this process's device, after the memory estimate."""
     device = accelerator.device.type
     process_gb = memory.process_rss_gb() if device == "cpu" else None  # the estimate's measured constant
     shards = accelerator.num_processes if cfg.train.fsdp else 1
-    log.print(memory.estimate_table(cfg, path, device=device, shards=shards, process_gb=process_gb)[0])
-    set_seed(cfg.train.seed)  # the same LoRA init on every rank
-    model = add_lora(load_model(dataclasses.replace(cfg.model, path=path), accelerator.device), cfg.lora)
+    table, needed = memory.estimate_table(cfg, path, device=device, shards=shards, process_gb=process_gb)
+    log.print(table)
+    available = memory.device_memory_gb(device)
+    if cfg.peft.method == "full" and available is not None and needed > available:
+        raise ConfigError(f"peft.method=full: the estimate above needs {needed:.1f} GiB and this {device} has "
+                          f"{available:.1f} GiB, {needed - available:.1f} GiB short; train an adapter instead "
+                          f"(peft.method=lora)")
+    set_seed(cfg.train.seed)  # the same adapter init on every rank
+    model = add_adapter(load_model(dataclasses.replace(cfg.model, path=path), accelerator.device), cfg.peft,
+                        cfg.lora)
     trainable, total = trainable_parameters(model)
     log.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return model, process_gb
@@ -346,13 +353,16 @@ def evaluate(run: Run) -> bool:
 
 
 def save(run: Run) -> None:
-    """A LoRA-only checkpoint with everything a resume needs; the oldest beyond train.keep_last are pruned."""
+    """An adapter-only checkpoint (a whole model for peft.method=full) with everything a resume needs; the oldest
+    beyond train.keep_last are pruned."""
     adapter = run.parallel.adapter_state_dict(run.model)  # collectives under FSDP: every rank takes part
     optimizer_state = run.parallel.optimizer_state_dict(run.loss_model, run.optimizer)
     if run.accelerator.is_main_process:
+        whole = run.cfg.peft.method == "full"  # a whole model: with its tokenizer, loadable as infer.py --model
         checkpoint.save_checkpoint(run.checkpoints, run.state.step, run.model, run.cfg, {
             "optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-            "sampler": run.sampler.state_dict(), "train_state": run.state.state_dict()}, adapter)
+            "sampler": run.sampler.state_dict(), "train_state": run.state.state_dict()}, adapter,
+            run.data.fmt.tokenizer if whole else None)
         checkpoint.prune(run.checkpoints, run.cfg.train.keep_last)
     run.accelerator.wait_for_everyone()
 

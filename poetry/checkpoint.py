@@ -1,8 +1,10 @@
-"""LoRA-only checkpoints with everything needed to resume exactly.
+"""Adapter-only checkpoints with everything needed to resume exactly.
 
 A checkpoint directory `checkpoints/step-000050/` holds:
-- adapter_config.json + adapter_model.safetensors (PEFT `save_pretrained`: loadable by `PeftModel.from_pretrained`
-  and by vLLM) — the frozen base is never copied (Accelerate's save_state would write all of it);
+- adapter_config.json + adapter_model.safetensors (PEFT `save_pretrained`: loadable by `PeftModel.from_pretrained`,
+  and a LoRA by vLLM) — the frozen base is never copied (Accelerate's save_state would write all of it); with
+  peft.method=full, the whole model instead (config.json, model.safetensors, the tokenizer: a model directory);
+- prompt_encoder.safetensors, for prompt, P- and prefix tuning: the whole trained module, which resume loads;
 - trainer_state.pt: optimizer, scheduler, scaler and sampler states, RNG states, counters;
 - config.yaml: the run's config snapshot.
 It is written under a temporary name and renamed when complete, so a crash never leaves a half checkpoint that
@@ -23,6 +25,9 @@ from .atomic import atomic_dir, atomic_write_text
 from .config import Config, save_config
 
 STATE_FILE = "trainer_state.pt"
+# A prompt-learning adapter's whole trained module, for resume: PEFT's adapter file keeps only the virtual tokens'
+# embeddings it computes (for P-tuning, the MLP that computes them is not in it)
+PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
 BEST_FILE = "best.json"
 PREFIX = "step-"
 # keys that change only bookkeeping or evaluation: a resume may change them freely, any other is worth a warning
@@ -58,12 +63,20 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 
 def save_checkpoint(root: Path, step: int, model, config: Config, state: dict,
-                    adapter_weights: dict | None = None) -> Path:
+                    adapter_weights: dict | None = None, tokenizer=None) -> Path:
     """Write atomically; `state` holds optimizer/scheduler/scaler/sampler state dicts and counters;
-    `adapter_weights` replaces the model's own (sharded) ones when given."""
+    `adapter_weights` replaces the model's own (sharded) ones when given; `tokenizer` is saved beside a whole
+    model's weights, so that the checkpoint is a model directory."""
     final = root / f"{PREFIX}{step:06d}"
     with atomic_dir(final) as temporary:  # `.step-000050.tmp`, which checkpoint_dirs never matches
         model.save_pretrained(temporary, state_dict=adapter_weights)  # PEFT: adapter weights and config only
+        if _prompt_learning(model):
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.prompt_encoder.state_dict().items()},
+                      temporary / PROMPT_ENCODER_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(temporary)
         torch.save({**state, "rng": rng_state()}, temporary / STATE_FILE)
         save_config(config, temporary / "config.yaml")
     return final
@@ -142,14 +155,42 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 def load_adapter(model, path: Path) -> None:
-    """Load saved LoRA weights into an already-wrapped PeftModel (exact: the same tensors that were saved)."""
-    from peft import set_peft_model_state_dict
+    """Load saved trained weights into the model built for them (exact: the same tensors that were saved): an
+    adapter into its PeftModel, a whole model's weights (peft.method=full) into the model."""
     from safetensors.torch import load_file
+
+    if not hasattr(model, "peft_config"):
+        _load_whole(model, path)
+        return
+    if _prompt_learning(model):
+        model.prompt_encoder.load_state_dict(load_file(path / PROMPT_ENCODER_FILE), strict=True)
+        return
+    from peft import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     if result.unexpected_keys:
         raise ValueError(f"{path}: adapter does not match the model ({len(result.unexpected_keys)} unexpected keys, "
-                         f"e.g. {result.unexpected_keys[0]}); was it trained with another lora config?")
+                         f"e.g. {result.unexpected_keys[0]}); was it trained with another peft or lora config?")
+
+
+def _prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return config is not None and config.is_prompt_learning
+
+
+def _load_whole(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{path}: no model.safetensors; was it saved by a peft.method other than full?")
+    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    loaded = {id(model.get_parameter(name)) for name, _ in model.named_parameters(remove_duplicate=False)
+              if name not in missing}
+    untied = [name for name in missing if id(model.get_parameter(name)) not in loaded]  # tied ones are saved once
+    if unexpected or untied:
+        raise ValueError(f"{path}: the saved weights do not match the model (missing {untied[:3]}, unexpected "
+                         f"{unexpected[:3]})")
 
 
 def resolve_adapter(path: str | Path) -> Path:
@@ -159,9 +200,14 @@ def resolve_adapter(path: str | Path) -> Path:
         return path
     checkpoints = path / "checkpoints"
     best = checkpoints / BEST_FILE
-    if best.is_file() and (checkpoints / json.loads(best.read_text())["path"]).is_dir():
-        return checkpoints / json.loads(best.read_text())["path"]
     found = checkpoint_dirs(checkpoints)
-    if not found:
+    if best.is_file() and (checkpoints / json.loads(best.read_text())["path"]).is_dir():
+        chosen = checkpoints / json.loads(best.read_text())["path"]
+    elif found:
+        chosen = found[-1]
+    else:
         raise FileNotFoundError(f"{path}: neither an adapter directory nor a run directory with checkpoints")
-    return found[-1]
+    if not (chosen / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: its checkpoints are whole models (peft.method=full), not adapters; pass "
+                                f"one as --model, e.g. --model {chosen}")
+    return chosen

@@ -31,6 +31,7 @@ from .decode import (
     padding_id,
     pick_most_likely_letter,
 )
+from .model import VirtualTokens
 from .prompt import PromptFormat
 
 METHODS = typing.get_args(ChoiceMethod)
@@ -45,17 +46,20 @@ def option_logliks(model, fmt: PromptFormat, question: Question) -> dict[str, fl
     prompt = fmt.emotion_prompt_ids(question)
     options = [fmt.text_ids(text) for text in question.choose.values()]
     device = model_device(model)
+    virtual = VirtualTokens.of(model)  # a prompt-learning adapter's tokens come first, as cached slots
+    runner, start = (virtual.base, virtual.length) if virtual else (model, 0)
     with inference(model):
-        cache = DynamicCache()  # without the config: every layer keeps all its slots (see decode._forward)
-        first = model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True,
-                      logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
+        # without the config: every layer keeps all its slots (see decode._forward)
+        cache = DynamicCache([(keys[None], values[None]) for keys, values in virtual.kv()] if virtual else None)
+        first = runner(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
         cache.batch_repeat_interleave(len(options))
-        width = max(map(len, options))
+        width, end = max(map(len, options)), start + len(prompt)
         ids = torch.tensor([o + [padding_id(fmt)] * (width - len(o)) for o in options], device=device)
-        mask = torch.tensor([[1] * (len(prompt) + len(o)) + [0] * (width - len(o)) for o in options], device=device)
-        positions = torch.arange(len(prompt), len(prompt) + width, device=device).expand(len(options), -1)
-        rest = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                     use_cache=True).logits.float().log_softmax(-1)
+        mask = torch.tensor([[1] * (end + len(o)) + [0] * (width - len(o)) for o in options], device=device)
+        positions = torch.arange(end, end + width, device=device).expand(len(options), -1)
+        rest = runner(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                      use_cache=True).logits.float().log_softmax(-1)
     scores = []
     for row, option in enumerate(options):
         following = rest[row, torch.arange(len(option) - 1, device=device),

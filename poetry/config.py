@@ -39,6 +39,22 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
 
 
+PeftMethod = Literal["lora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "full"]
+PROMPT_LEARNING = ("prompt_tuning", "p_tuning", "prefix_tuning")  # virtual tokens before the prompt
+
+
+@dataclass
+class PeftConfig:
+    # lora (options in `lora`); prompt_tuning, p_tuning (an MLP encodes the virtual tokens) and prefix_tuning
+    # (trained keys and values in every layer): num_virtual_tokens before each prompt; ia3: learned scalings of
+    # the ia3_* modules' activations; full: every weight, in fp32 (checkpoints are whole models)
+    method: PeftMethod = "lora"
+    num_virtual_tokens: int = 20
+    encoder_hidden_size: int = 0  # p_tuning's MLP width; 0 = the model's hidden size
+    ia3_target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    ia3_feedforward_modules: list[str] = field(default_factory=lambda: ["down_proj"])  # scaled on their input
+
+
 @dataclass
 class LoraConfig:
     r: int = 16
@@ -125,6 +141,7 @@ class LogConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -254,11 +271,31 @@ def validate(config: Config, device: str = "cpu", processes: int = 1) -> None:
                           "or torchrun --nproc_per_node N; add train.cpu=true on CPU)")
     if processes > 1 and device == "cpu" and not t.cpu:  # Accelerate would see one process: N runs, each rank 0
         raise ConfigError(f"{processes} processes were launched on CPU; set train.cpu=true so that they form one run")
+    _validate_method(config)
     evaluates_in_loop = config.eval.every or config.eval.at_start
     if device == "cpu" and config.model.quantization == "4bit" and evaluates_in_loop:
         raise ConfigError("model.quantization=4bit on CPU: bitsandbytes breaks the training step after an in-loop "
                           "no_grad forward (silently wrong LoRA gradients on Llama); use 8bit or none, or "
                           "eval.every=0 and eval.at_start=false")
+
+
+def _validate_method(config: Config) -> None:
+    method, t = config.peft.method, config.train
+    if method in PROMPT_LEARNING and config.peft.num_virtual_tokens < 1:
+        raise ConfigError(f"peft.num_virtual_tokens: must be at least 1, got {config.peft.num_virtual_tokens}")
+    if method != "lora" and (config.lora.use_dora or config.lora.use_rslora):
+        raise ConfigError(f"lora.use_dora / lora.use_rslora: LoRA switches, but peft.method={method}")
+    if method == "full":
+        if config.model.quantization != "none":
+            raise ConfigError("peft.method=full: quantized weights cannot be trained; use model.quantization=none")
+        if config.model.dtype != "fp32":
+            raise ConfigError(f"peft.method=full: the trained weights are the master copy and must be fp32 "
+                              f"(model.dtype={config.model.dtype}); autocast still computes in train.precision")
+    if method != "lora" and t.fsdp:
+        raise ConfigError(f"train.fsdp: only peft.method=lora is sharded here (got {method})")
+    if method == "prefix_tuning" and config.model.gradient_checkpointing:
+        raise ConfigError("peft.method=prefix_tuning: PEFT refuses it with gradient checkpointing (its trained keys "
+                          "and values enter every layer as a cache); set model.gradient_checkpointing=false")
 
 
 OFFICIAL_DATA_HELP = ("the official CCL25-Eval Task 5 training data is in the organisers' repository "
@@ -289,7 +326,10 @@ def fit_to_device(config: Config, device: str) -> None:
     config.train.precision = precision.value
     config.notes.append(f"train.precision={precision.value} ({precision.reason})")
     warnings = [precision.warning]
-    if config.model.dtype == "auto":
+    if config.model.dtype == "auto" and config.peft.method == "full":
+        config.model.dtype = "fp32"
+        config.notes.append("model.dtype=fp32 (auto, peft.method=full: the trained weights are the master copy)")
+    elif config.model.dtype == "auto":
         config.model.dtype = precision.value
         config.notes.append(f"model.dtype={precision.value} (auto: as train.precision)")
     else:

@@ -48,9 +48,11 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from .data.records import OPTION_LETTERS, Answer, Question
+from .model import VirtualTokens
 from .prompt import PromptFormat
 
 Progress = Callable[[int], None]  # called with the number of questions finished since the last call
+VIRTUAL_ID = -1  # stands for a prompt-learning adapter's virtual token in a row's ids: never fed
 CHOOSE_HEAD = '"choose_id": "'
 
 
@@ -305,24 +307,29 @@ def decode_constrained(model, fmt: PromptFormat, questions: list[Question], batc
                        pick: LetterPick = pick_most_likely_letter) -> list[Decoded]:
     """Batched greedy constrained decoding with a KV cache; results in input order. `max_new_tokens` is the
     budget of each value: a value that reaches it is cut there; `pick` chooses each choose_id (poetry.choice)."""
+    virtual = VirtualTokens.of(model)
     with inference(model):
         states = _states(model, fmt, questions, max_new_tokens, pick)
-        rows = [_Row(state, fmt.prompt_ids(q) + state.start()) for q, state in zip(questions, states, strict=True)]
+        prefix = virtual.kv() if virtual else []
+        rows = [_Row(state, fmt.prompt_ids(q) + state.start(), prefix)
+                for q, state in zip(questions, states, strict=True)]
         poems = [(q.title, q.author, q.content) for q in questions]
         for batch in _batches([len(row.feed) for row in rows], batch_size, poems):
-            _decode_batch(model, [rows[i] for i in batch], padding_id(fmt))
+            _decode_batch(virtual.base if virtual else model, [rows[i] for i in batch], padding_id(fmt))
             if progress:
                 progress(len(batch))
     return [state.decoded() for state in states]
 
 
 class _Row:
-    """One sequence of a batch with its own keys and values, so that it can be fed any number of tokens at once."""
+    """One sequence of a batch with its own keys and values, so that it can be fed any number of tokens at once.
+    A prompt-learning adapter's virtual tokens are its first `len(prefix)` slots: cached, never fed."""
 
-    def __init__(self, state: _AnswerState, feed: list[int]):
+    def __init__(self, state: _AnswerState, feed: list[int], prefix: list[tuple[torch.Tensor, torch.Tensor]]):
         self.state = state
-        self.ids: list[int] = []  # the tokens `kv` holds
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: keys, values (heads, len(ids), dim)
+        self.virtual = prefix[0][0].shape[1] if prefix else 0
+        self.ids: list[int] = [VIRTUAL_ID] * self.virtual  # the tokens `kv` holds
+        self.kv = prefix  # per layer: keys, values (heads, len(ids), dim)
         self.feed = feed  # the tokens due next; scores are wanted after the last
 
 
@@ -330,10 +337,17 @@ def _decode_batch(model, rows: list[_Row], pad_id: int) -> None:
     """The prompts first, each poem's once; then rounds of two forwards: the rows due a forced run take it whole,
     then every row due one token takes it (a row that has just taken its run has chosen that token already)."""
     followers = _shared_prompts(rows)
-    _forward(model, [row for row in rows if row not in followers], pad_id)
+    leaders = [row for row in rows if row not in followers]
+    # A row's virtual slots cannot be fed again, as a row shorter than the batch's widest feed would be: with them,
+    # each prompt (and each follower's rest of a prompt) is fed alone; every later feed is shorter than any prompt.
+    for prompts in ([row] for row in leaders) if rows[0].virtual else [leaders]:
+        _forward(model, prompts, pad_id)
     for row, (leader, shared) in followers.items():
-        row.ids, row.kv = leader.ids[:shared], [(keys[:, :shared], values[:, :shared]) for keys, values in leader.kv]
+        kept = row.virtual + shared
+        row.ids, row.kv = leader.ids[:kept], [(keys[:, :kept], values[:, :kept]) for keys, values in leader.kv]
         row.feed = row.feed[shared:]
+        if row.virtual:
+            _forward(model, [row], pad_id)
     while rows := [row for row in rows if row.feed]:
         _forward(model, [row for row in rows if len(row.feed) > 1], pad_id)
         _forward(model, [row for row in rows if len(row.feed) == 1], pad_id)
@@ -369,6 +383,8 @@ def _forward(model, rows: list[_Row], pad_id: int) -> None:
     sequences = [row.ids + row.feed for row in rows]
     fed = [sequence[-width:] for sequence in sequences]
     cached = [len(sequence) - len(tokens) for sequence, tokens in zip(sequences, fed, strict=True)]
+    if any(n < row.virtual for n, row in zip(cached, rows, strict=True)):
+        raise RuntimeError("a forward would feed a row's virtual tokens as ids; their keys and values are fixed")
     past = max(cached)
     device = model_device(model)
     input_ids = torch.tensor([[pad_id] * (width - len(tokens)) + tokens for tokens in fed], device=device)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .model import VirtualTokens
 from .prompt import IGNORE_INDEX
 
 
@@ -34,6 +35,7 @@ class TargetOnlyLoss(nn.Module):
         self.decoder = causal_lm.get_decoder()
         self.lm_head = causal_lm.get_output_embeddings()
         self.chunk_rows = chunk_rows
+        self.virtual = VirtualTokens.of(model)  # prompt, P- or prefix tuning: trained tokens before each sequence
         config = causal_lm.config
         self.softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(logits / cap)
         self.logit_scale = getattr(config, "logit_scale", None)  # Cohere-style scaled logits
@@ -47,7 +49,10 @@ class TargetOnlyLoss(nn.Module):
         return logits
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.virtual:
+            hidden = self.virtual.hidden_states(self.decoder, input_ids, attention_mask)
+        else:
+            hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         learned = targets != IGNORE_INDEX
         rows = hidden[:, :-1][learned]  # (target tokens, hidden) instead of (B, T, hidden)

@@ -4,8 +4,9 @@
 
     python -m poetry.memory --config configs/demo.yaml --device cpu
 
-The estimate reads only config.json and adds up weights (by dtype or quantization), LoRA parameters, their
-gradients and optimizer state, activations (with or without checkpointing) for the worst-case micro-batch, and the
+The estimate reads only config.json and adds up weights (by dtype or quantization), the trained parameters of
+`peft.method` (LoRA, prompt/P/prefix tuning, IA3, or every weight in fp32 for `full`), their gradients and
+optimizer state, activations (with or without checkpointing) for the worst-case micro-batch, and the
 output layer (the target rows, and one chunk's logits at a time). Activations are the tensors autograd keeps per
 token in one decoder layer, counted tensor by tensor (tests/test_memory.py holds the count to what autograd saves on
 each model family). On a CPU the process itself is a measured constant: the resident memory of Python, torch,
@@ -20,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from .config import PROMPT_LEARNING, Config, ConfigError, load_config
 
 GB = 1024**3
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
@@ -29,6 +30,8 @@ WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
 QUANTIZED_BYTES = {"8bit": 1.0 + 4 / 4096, "4bit": 0.5 + 4 / 64, "4bit+dq": 0.5 + 1 / 64 + 4 / (64 * 256)}
 OPTIMIZER_BYTES = {"adamw": 8.0, "paged_adamw": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0}
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHOD_NAMES = {"lora": "LoRA", "prompt_tuning": "prompt tuning", "p_tuning": "P-tuning",
+                "prefix_tuning": "prefix tuning", "ia3": "IA3", "full": "full"}
 CUDA_OVERHEAD_GB = 0.8  # CUDA context, cuBLAS workspace, allocator fragmentation: measured 0.5-1 GB typically
 QK_NORM_MODELS = {"qwen3", "qwen3_moe", "gemma3", "gemma3_text"}  # an RMSNorm on each head's queries and keys
 SANDWICH_NORM_MODELS = {"gemma2", "gemma3", "gemma3_text"}  # norms after attention and MLP as well as before
@@ -108,19 +111,22 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1, *
     `cfg` comes from load_config, for `device`: no `auto` is left in it. `batch` (sequences, padded length) and its
     `targets` default to the config's worst case: full micro-batches of data.max_len, half of it answer tokens.
     On a CPU, `process_gb` is the measured resident memory of the process before the weights (process_rss_gb)."""
-    m, t = cfg.model, cfg.train
+    m, t, method = cfg.model, cfg.train, cfg.peft.method
     weight_dtype = m.dtype
     base = shape.layers * shape.block_params
     quant = "4bit+dq" if m.quantization == "4bit" and m.double_quant else m.quantization
     per_weight = QUANTIZED_BYTES.get(quant, WEIGHT_BYTES[weight_dtype])
-    names = list(LINEAR_NAMES) if cfg.lora.target_modules == ["all-linear"] else \
-        [name for name in LINEAR_NAMES if name in cfg.lora.target_modules]
-    lora = shape.layers * sum(cfg.lora.r * sum(shape.linears()[name]) for name in names)
+    names = lora_targets(cfg) if method == "lora" else []
+    trained = trainable_count(cfg, shape)
     act_bytes = WEIGHT_BYTES[t.precision]
     sequences, seq_len = batch or (t.micro_batch_size, cfg.data.max_len)
     tokens = sequences * seq_len if batch or not t.max_tokens_per_batch else t.max_tokens_per_batch
     targets = tokens // 2 if targets is None else targets
-    per_layer = act_bytes * shape.saved_per_token(names, cfg.lora.r, cfg.lora.dropout > 0, seq_len)
+    if method in PROMPT_LEARNING:  # the virtual tokens run through every layer with each sequence
+        seq_len += cfg.peft.num_virtual_tokens
+        tokens += sequences * cfg.peft.num_virtual_tokens
+    per_layer = act_bytes * shape.saved_per_token(names, cfg.lora.r, method == "lora" and cfg.lora.dropout > 0,
+                                                  seq_len)
     if m.gradient_checkpointing:
         activations = tokens * (shape.layers * act_bytes * shape.hidden + per_layer)  # layer inputs + one layer
         how = f"{tokens} tokens; checkpointed: layer inputs + one layer recomputed"
@@ -129,18 +135,25 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1, *
         how = f"{tokens} tokens x {shape.layers} layers x {per_layer / 1024:.0f} KiB"
     output_layer, output_how = output_layer_bytes(shape, targets, t.loss_chunk_rows, act_bytes)
     what = f"{base / 1e9:.2f}B params, {quant if quant != 'none' else weight_dtype}"
-    rows = [("base weights", base * per_weight / GB, what)] if shards == 1 else [
-        ("base weights (FSDP shard)", base * per_weight / shards / GB, f"{what} / {shards} processes"),
-        # one layer runs while the next is prefetched; the root unit (embeddings, lm_head) stays whole, below
-        ("gathered layers (FSDP)", 2 * shape.block_params * per_weight / GB, "2 decoder layers unsharded")]
-    lora /= shards  # adapters, their gradients and Adam state are sharded with their layers
+    trained /= shards  # adapters, their gradients and Adam state are sharded with their layers
+    if method == "full":  # the weights themselves are trained: no separate frozen copy
+        rows = [("weights (fp32, trained)", trained * 4 / GB,
+                 f"{trained / 1e9:.2f}B params: decoder, embeddings and lm_head "
+                 f"({'tied' if shape.tied else 'untied'})")]
+    else:
+        rows = [("base weights", base * per_weight / GB, what)] if shards == 1 else [
+            ("base weights (FSDP shard)", base * per_weight / shards / GB, f"{what} / {shards} processes"),
+            # one layer runs while the next is prefetched; the root unit (embeddings, lm_head) stays whole, below
+            ("gathered layers (FSDP)", 2 * shape.block_params * per_weight / GB, "2 decoder layers unsharded")]
+        rows += [("embeddings + lm_head", shape.embedding_params * WEIGHT_BYTES[weight_dtype] / GB,
+                  f"{shape.embedding_params / 1e9:.2f}B params, {weight_dtype} "
+                  f"({'tied' if shape.tied else 'untied'})"),
+                 (f"{METHOD_NAMES[method]} weights (fp32)", trained * 4 / GB,
+                  f"{trained / 1e6:.3f}M params{' per shard' if shards > 1 else ''}"
+                  + (f", r={cfg.lora.r}" if method == "lora" else ""))]
     rows += [
-        ("embeddings + lm_head", shape.embedding_params * WEIGHT_BYTES[weight_dtype] / GB,
-         f"{shape.embedding_params / 1e9:.2f}B params, {weight_dtype} ({'tied' if shape.tied else 'untied'})"),
-        ("LoRA weights (fp32)", lora * 4 / GB, f"{lora / 1e6:.1f}M params{' per shard' if shards > 1 else ''}, "
-                                               f"r={cfg.lora.r}"),
-        ("LoRA gradients (fp32)", lora * 4 / GB, ""),
-        ("optimizer state", lora * OPTIMIZER_BYTES[t.optimizer] / GB, t.optimizer),
+        (f"{METHOD_NAMES[method]} gradients (fp32)", trained * 4 / GB, ""),
+        ("optimizer state", trained * OPTIMIZER_BYTES[t.optimizer] / GB, t.optimizer),
         ("activations", activations / GB, how),
         ("output layer", output_layer / GB, output_how),
     ]
@@ -150,6 +163,42 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1, *
         rows.append(("process before the weights", process_gb, "measured: Python, torch, transformers, PEFT, "
                                                                "tokenizer, tokenised data"))
     return rows
+
+
+def lora_targets(cfg: Config) -> list[str]:
+    return list(LINEAR_NAMES) if cfg.lora.target_modules == ["all-linear"] else \
+        [name for name in LINEAR_NAMES if name in cfg.lora.target_modules]
+
+
+def trainable_count(cfg: Config, shape: Shape) -> int:
+    """Parameters `peft.method` trains, as PEFT builds them (tests/test_memory.py holds each to PEFT's own count)."""
+    p, layers, hidden, linears = cfg.peft, shape.layers, shape.hidden, shape.linears()
+    if p.method == "lora":
+        return layers * sum(cfg.lora.r * sum(linears[name]) for name in lora_targets(cfg))
+    if p.method == "prompt_tuning":  # one embedding per virtual token
+        return p.num_virtual_tokens * hidden
+    if p.method == "p_tuning":  # the embeddings and an MLP hidden -> E -> E -> hidden that re-encodes them
+        width = p.encoder_hidden_size or hidden
+        return p.num_virtual_tokens * hidden + 2 * hidden * width + width * width + 2 * width + hidden
+    if p.method == "prefix_tuning":  # a key and a value per virtual token, layer and key-value head
+        return p.num_virtual_tokens * layers * 2 * shape.kv_heads * shape.head_dim
+    if p.method == "ia3":  # a scale per output feature, per input feature for the feedforward modules
+        return layers * sum(linears[name][0] if name in p.ia3_feedforward_modules else linears[name][1]
+                            for name in p.ia3_target_modules if name in linears)
+    return layers * shape.block_params + shape.embedding_params + hidden  # full: every weight, the final norm too
+
+
+def device_memory_gb(device: str) -> float | None:
+    """What a run on `device` may use: a GPU's total memory, a CPU machine's available memory; None if unknown."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GB
+    meminfo = Path("/proc/meminfo")
+    if device == "cpu" and meminfo.is_file():
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024 / GB
+    return None
 
 
 def output_layer_bytes(shape: Shape, targets: int, chunk_rows: int, act_bytes: float) -> tuple[float, str]:

@@ -1,11 +1,12 @@
-"""Loading a causal LM from a local directory, optional bitsandbytes quantization, PEFT LoRA, checkpointing."""
+"""Loading a causal LM from a local directory, optional bitsandbytes quantization, the trained part (a PEFT adapter or
+every weight), checkpointing, and the virtual tokens of prompt-learning adapters."""
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from .config import LoraConfig, ModelConfig
+from .config import LoraConfig, ModelConfig, PeftConfig
 from .precision import DTYPES, choose
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU builds log a 4-bit kernel warning at import
@@ -59,22 +60,103 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", for_trainin
     return model
 
 
-def add_lora(model, cfg: LoraConfig):
-    """Wrap in a PEFT LoRA model whose adapter weights are fp32 whatever the base dtype: a GradScaler cannot unscale
-    fp16 gradients, and bf16 adapters lose small updates."""
-    from peft import LoraConfig as PeftLoraConfig
+def add_adapter(model, peft: PeftConfig, lora: LoraConfig):
+    """The model made trainable as `peft.method` says: PEFT wraps it for every method but `full`, which trains the
+    model's own (fp32) weights. Trained PEFT weights are fp32 whatever the base dtype: a GradScaler cannot unscale
+    fp16 gradients, and bf16 parameters lose small updates."""
+    if peft.method == "full":
+        return model.requires_grad_(True)
     from peft import get_peft_model
 
-    targets = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
-    peft_config = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                                 use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
-    model = get_peft_model(model, peft_config)
+    model = get_peft_model(model, lora_config(lora) if peft.method == "lora" else _peft_config(peft, model.config))
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return model
 
 
+def add_lora(model, cfg: LoraConfig):
+    """`add_adapter` with LoRA."""
+    return add_adapter(model, PeftConfig(method="lora"), cfg)
+
+
+def lora_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                          use_dora=cfg.use_dora, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
+
+
+def _peft_config(cfg: PeftConfig, model_config):
+    from peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    virtual = {"num_virtual_tokens": cfg.num_virtual_tokens, "task_type": "CAUSAL_LM"}
+    if cfg.method == "prompt_tuning":  # started from embeddings of random vocabulary tokens: at the vocabulary's scale
+        return PromptTuningConfig(prompt_tuning_init="SAMPLE_VOCAB", **virtual)
+    if cfg.method == "p_tuning":
+        hidden = getattr(model_config, "text_config", model_config).hidden_size
+        return PromptEncoderConfig(encoder_hidden_size=cfg.encoder_hidden_size or hidden, **virtual)
+    if cfg.method == "prefix_tuning":
+        return PrefixTuningConfig(**virtual)
+    return IA3Config(target_modules=list(cfg.ia3_target_modules),
+                     feedforward_modules=list(cfg.ia3_feedforward_modules), task_type="CAUSAL_LM")
+
+
 def trainable_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts of a PeftModel; PEFT counts 4-bit weights by elements, not packed bytes."""
-    return model.get_nb_trainable_parameters()
+    """(trainable, total) parameter counts; PEFT counts 4-bit weights by elements, not packed bytes."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
+class VirtualTokens:
+    """The trained tokens a prompt-learning adapter (prompt, P- or prefix tuning) puts before every sequence, fed
+    as PEFT's own forward feeds them, for the code that runs the decoder directly (the target-only loss, the
+    constrained decoder, option likelihoods). Prompt and P-tuning prepend embeddings; prefix tuning supplies keys
+    and values to every layer. Either way the real tokens start at position `length`."""
+
+    def __init__(self, model):
+        from peft import PeftType
+
+        self.model = model
+        self.length = model.active_peft_config.num_virtual_tokens
+        self.prefix = model.active_peft_config.peft_type == PeftType.PREFIX_TUNING
+
+    @classmethod
+    def of(cls, model) -> VirtualTokens | None:
+        """For a PeftModel with a prompt-learning adapter; None for any other model."""
+        config = getattr(model, "active_peft_config", None)
+        return cls(model) if config is not None and config.is_prompt_learning else None
+
+    @property
+    def base(self):
+        """The causal LM under the adapter: what runs once the virtual tokens are in place."""
+        return self.model.get_base_model()
+
+    def hidden_states(self, decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden states at the real tokens, with the virtual tokens before them."""
+        batch = input_ids.shape[0]
+        mask = torch.cat([attention_mask.new_ones(batch, self.length), attention_mask], dim=1)
+        if self.prefix:
+            return decoder(input_ids=input_ids, attention_mask=mask,
+                           past_key_values=self.model.get_prompt(batch)).last_hidden_state
+        embeds = decoder.get_input_embeddings()(input_ids)
+        prompts = self.model.get_prompt(batch).to(embeds.dtype)
+        return decoder(inputs_embeds=torch.cat([prompts, embeds], dim=1),
+                       attention_mask=mask).last_hidden_state[:, self.length:]
+
+    @torch.no_grad()
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The virtual tokens as one sequence's keys and values per layer, (heads, length, dim): where a decoded
+        sequence starts from."""
+        from transformers import DynamicCache
+
+        if self.prefix:
+            cache = self.model.get_prompt(1)
+        else:
+            cache = DynamicCache()  # without the config: every layer keeps all its slots
+            self.base(inputs_embeds=self.model.get_prompt(1).to(self.base.dtype), past_key_values=cache,
+                      use_cache=True, logits_to_keep=1)
+        dtype = self.base.dtype  # prefix tuning's are computed from fp32 parameters
+        return [(layer.keys[0].to(dtype), layer.values[0].to(dtype)) for layer in cache.layers]

@@ -123,3 +123,17 @@ def test_serve_benchmark_loads_the_real_server_and_counts_the_batches(tiny_model
     assert single["decodes_by_requests"] == {"1": 2}
     assert sum(int(size) * n for size, n in loaded["decodes_by_requests"].items()) == 8
     assert "infer.py serve under load" in result.stdout
+
+
+def test_methods_benchmark_trains_each_method_and_tabulates_them(tiny_model_dir, few_poems, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "methods.py"), "--config", "configs/tiny.yaml",
+                             "--model", str(tiny_model_dir), "--data", str(few_poems), "--steps", "1",
+                             "--max-questions", "1", "--methods", "lora", "prefix_tuning", "full",
+                             "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [saved] = tmp_path.glob("methods-*.json")
+    rows = {r["method"]: r for r in json.loads(saved.read_text(encoding="utf-8"))["results"]}
+    assert rows.keys() == {"lora", "prefix_tuning", "full"} and not any("error" in r for r in rows.values())
+    assert rows["full"]["trainable"] == rows["full"]["total"] > rows["lora"]["trainable"] > 0
+    assert "model.gradient_checkpointing=false" in rows["prefix_tuning"]["overrides"]
+    assert all(r["val_loss"] > 0 and r["train_s"] > 0 for r in rows.values())

@@ -105,9 +105,11 @@ def test_help_answers_before_torch_loads(script, argv, usage):
     assert not {"torch", "transformers", "nltk"} & modules
 
 
-def test_usage_errors_answer_before_torch_loads():
-    done, modules = imported_modules("infer.py", "perplexity")
-    assert done.returncode == 2 and "error: unknown subcommand 'perplexity'" in done.stderr
+@pytest.mark.parametrize("argv, error", [(["perplex"], "error: unknown subcommand 'perplex'"),
+                                         (["perplexity"], "the following arguments are required: --model")])
+def test_usage_errors_answer_before_torch_loads(argv, error):
+    done, modules = imported_modules("infer.py", *argv)
+    assert done.returncode == 2 and error in done.stderr
     assert "torch" not in modules
 
 

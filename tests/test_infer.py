@@ -196,13 +196,14 @@ def test_missing_model_directory_is_one_error_line_naming_the_flag(command, extr
     assert printed.err == f"error: --model={absent}: no such directory (and HF_HUB_OFFLINE=1, so no hub download)\n"
 
 
-@pytest.mark.parametrize("argv", [["perplexity", "--help"], ["perplexity"], ["predcit", "--model", "m"]])
+@pytest.mark.parametrize("argv", [["perplex", "--help"], ["perplex"], ["predcit", "--model", "m"]])
 def test_unknown_subcommand_is_one_error_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         infer.main(argv)
     printed = capsys.readouterr()
     assert exit_.value.code == 2 and printed.out == ""
-    assert printed.err == f"error: unknown subcommand {argv[0]!r}; choose one of predict, merge, chat, serve\n"
+    assert printed.err == (f"error: unknown subcommand {argv[0]!r}; choose one of predict, merge, chat, perplexity, "
+                           f"serve\n")
 
 
 def test_options_first_still_mean_predict(capsys):

@@ -157,16 +157,16 @@ def test_accumulation_matches_one_big_batch(tiny_model_dir, few_poems, tmp_path,
 def test_fp16_scaler_skips_and_counts_an_inf_step(tiny_model_dir, few_poems, tmp_path, monkeypatch):
     """fp16 autocast + GradScaler on CPU; an inf gradient injected at the 3rd backward makes that step skipped."""
     backward_calls = []
-    original_add_lora = train_script.add_lora
+    original_add_adapter = train_script.add_adapter
 
-    def add_lora_with_fault(model, cfg):
-        model = original_add_lora(model, cfg)
+    def add_adapter_with_fault(model, peft, lora):
+        model = original_add_adapter(model, peft, lora)
         param = next(p for p in model.parameters() if p.requires_grad)
         param.register_hook(lambda grad: grad * float("inf") if len(backward_calls) == 2 else grad)
         param.register_hook(lambda grad: backward_calls.append(1) or grad)
         return model
 
-    monkeypatch.setattr(train_script, "add_lora", add_lora_with_fault)
+    monkeypatch.setattr(train_script, "add_adapter", add_adapter_with_fault)
     cfg = config(tiny_model_dir, few_poems, tmp_path, "train.precision=fp16", "model.dtype=fp32", "train.max_steps=4",
                  "train.grad_accum=1", "train.micro_batch_size=1", "eval.every=0", "data.val_fraction=0")
     train_script.train(cfg)
