@@ -8,8 +8,8 @@ after the last step (validation loss on every held-out example, constrained answ
 Its learning rate is the one the method is usually trained with (METHOD_LR: prompt embeddings and scalings take far
 larger steps than LoRA's matrices, every weight a far smaller one), not a tuned one; prefix tuning runs without
 gradient checkpointing, which PEFT refuses for it. The table gives trainable parameters, final val/loss and
-val/proxy_total, training seconds (train.py's own count, without loading and evaluation) and peak memory, with the
-machine; the JSON goes to bench/results/.
+val/proxy_total, training seconds (train.py's own count, without loading and evaluation) and the process's peak
+resident memory (training and evaluation), with the machine; the JSON goes to bench/results/.
 """
 from __future__ import annotations
 
@@ -55,14 +55,14 @@ def run_method(method: str, args: argparse.Namespace, run_dir: Path) -> dict:
     evaluated = next(m for m in reversed(final) if "val/loss" in m)
     trainable = re.search(r"trainable parameters: ([\d,]+) of ([\d,]+)", printed)
     pace = re.search(r"this session: ([\d.]+) steps/s", printed)
-    peak = re.search(r"peak memory (.+)$", printed, re.M)
+    peak = max((m["mem/peak_rss_gb"] for m in final if "mem/peak_rss_gb" in m), default=None)
     return {"method": method, "lr": METHOD_LR[method], "overrides": overrides,
             "trainable": int(trainable.group(1).replace(",", "")), "total": int(trainable.group(2).replace(",", "")),
             "val_loss": evaluated["val/loss"], "proxy_total": evaluated.get("val/proxy_total"),
             "acc": evaluated.get("val/acc"), "bleu_words": evaluated.get("val/bleu_words"),
             "bleu_sents": evaluated.get("val/bleu_sents"),
             "train_s": round(args.steps / float(pace.group(1)), 1) if pace else None,
-            "peak_memory": peak.group(1).strip() if peak else None, "wall_s": round(wall, 1)}
+            "peak_rss_gb": peak, "wall_s": round(wall, 1)}
 
 
 def main() -> None:
@@ -83,8 +83,8 @@ def main() -> None:
             console.print(f"{method}: {results[-1]}", highlight=False)
     table = Table(title=f"tuning methods, {args.steps} steps each: {Path(args.config).name}"
                         + (f", data {args.data}" if args.data else ""))
-    for column in ("method", "lr", "trainable", "val/loss", "proxy_total", "acc", "train s", "peak memory"):
-        table.add_column(column, justify="left" if column in ("method", "peak memory") else "right")
+    for column in ("method", "lr", "trainable", "val/loss", "proxy_total", "acc", "train s", "peak RSS GB"):
+        table.add_column(column, justify="left" if column == "method" else "right")
     for r in results:
         if "error" in r:
             table.add_row(r["method"], "", "", "error: " + r["error"][:60], "", "", "", "")
@@ -92,7 +92,8 @@ def main() -> None:
         table.add_row(r["method"], f"{r['lr']:g}" if r["lr"] else "config", f"{r['trainable']:,}",
                       f"{r['val_loss']:.4f}", f"{r['proxy_total']:.4f}" if r["proxy_total"] is not None else "n/a",
                       f"{r['acc']:.3f}" if r["acc"] is not None else "n/a",
-                      f"{r['train_s']:.0f}" if r["train_s"] else "?", r["peak_memory"] or "?")
+                      f"{r['train_s']:.0f}" if r["train_s"] else "?",
+                      f"{r['peak_rss_gb']:.2f}" if r["peak_rss_gb"] else "?")
     console.print(table)
     path = write_results(args.name, {"config": args.config, "data": args.data, "steps": args.steps,
                                      "max_questions": args.max_questions, "results": results}, Path(args.results_dir))
