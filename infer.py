@@ -177,7 +177,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from poetry.builtin import resolve_model_path  # noqa: E402
 from poetry.checkpoint import resolve_adapter  # noqa: E402
 from poetry.choice import answer_questions  # noqa: E402
-from poetry.config import ModelConfig  # noqa: E402
+from poetry.config import ConfigError, ModelConfig  # noqa: E402
 from poetry.data import DataError, Example, check_submission, load_answers, load_questions, write_submission  # noqa: E402
 from poetry.decode import UnsupportedTokenizer, chat, decode_free, model_device  # noqa: E402
 from poetry.feed import Collator  # noqa: E402
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # FileNotFoundError included; library messages can span lines
         shown = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
         return _error(shown.strip().splitlines()[0] if shown.strip() else type(err).__name__)
-    except UnsupportedTokenizer as err:
+    except (UnsupportedTokenizer, ConfigError) as err:
         return _error(str(err))
 
 

@@ -74,7 +74,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     micro_step: int = 0  # forward/backward passes done
     epoch: int = 0  # the epoch the sampler is in
-    skipped: int = 0  # optimizer steps the fp16 scaler skipped (inf/NaN gradients)
+    skipped: int = 0  # optimizer steps skipped for inf/NaN gradients (by the fp16 scaler, or by the check in bf16/fp32)
+    nonfinite_streak: int = 0  # of those, how many in a row up to this step
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,6 +121,7 @@ class Run:
     process_gb: float | None = None  # on CPU, resident memory before the weights: the memory estimate's constant
     state: TrainState = dataclasses.field(default_factory=TrainState)
     pace: Pace = dataclasses.field(default_factory=Pace)
+    new_best: tuple[int, str, float] | None = None  # (step, metric, value) that best.json takes once step is saved
 
 
 def autocast(precision: str, device_type: str):
@@ -150,6 +152,11 @@ def setup_processes(cfg: Config) -> tuple[Accelerator, runlog.RunLog, Path | Non
         log.print(note)
     if cfg.train.resume == "auto" and not resume:
         log.print(f"--resume auto: no complete checkpoint in {run_dir / 'checkpoints'}, so this run starts fresh")
+    torn = [path.name for path in checkpoint.torn_dirs(run_dir / "checkpoints")]
+    if cfg.train.resume == "auto" and torn:
+        log.print(f"--resume auto: skipped torn checkpoints (a save that did not finish: no valid "
+                  f"{checkpoint.COMPLETE_FILE}): {', '.join(torn)}" + (f"; resuming from {resume.name}" if resume
+                                                                         else ""))
     changed = checkpoint.config_changes(resume, cfg) if resume else []
     if changed:
         log.print(f"warning: resuming from {resume} with a config that changes the training maths: "
@@ -310,24 +317,56 @@ def fit(run: Run) -> None:
         if last or (cfg.eval.every and state.step % cfg.eval.every == 0):
             is_best = evaluate(run)
             run.loss_model.train()
-        if last or is_best or state.step % run.save_every == 0:
+        diverged = state.nonfinite_streak >= cfg.train.max_nonfinite_steps
+        if last or is_best or diverged or state.step % run.save_every == 0:
             save(run)
+        if diverged:  # saved first: the weights are those of the last finite step
+            raise Diverged(divergence(run, window))
     snapshot.stop()
     report(run)
 
 
 def optimizer_step(run: Run) -> torch.Tensor:
-    """Unscale, clip, step (skipped by the scaler on inf/NaN), schedule; returns the gradient norm before clipping."""
+    """Unscale, clip, step, schedule; returns the gradient norm before clipping. A step with inf/NaN gradients is
+    skipped, its gradients dropped and the weights left as they were: by the scaler in fp16, here otherwise (an
+    optimizer would write NaN into every weight). Skipped steps are counted, and so is the streak of them."""
     with run.monitor.phase("optimizer"):
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = run.parallel.clip_grad_norm(run.trainable, run.cfg.train.max_grad_norm or math.inf)
         scale = run.scaler.get_scale()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.state.skipped += int(run.scaler.is_enabled() and run.scaler.get_scale() < scale)
-        run.scheduler.step()
+        if run.scaler.is_enabled():
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            skipped = run.scaler.get_scale() < scale
+        else:
+            skipped = not bool(torch.isfinite(grad_norm))  # the norm of all gradients: one inf/NaN makes it so
+            if not skipped:
+                run.optimizer.step()
+        run.state.skipped += int(skipped)
+        run.state.nonfinite_streak = run.state.nonfinite_streak + 1 if skipped else 0
+        run.scheduler.step()  # the schedule follows optimizer steps, taken or skipped
         run.optimizer.zero_grad(set_to_none=True)
+    if skipped and not run.scaler.is_enabled():
+        run.log.print(f"warning: step {run.state.step + 1}: gradient norm {grad_norm.item()}; the step is skipped "
+                      f"and the weights are unchanged ({run.state.nonfinite_streak} in a row)")
     return grad_norm
+
+
+class Diverged(RuntimeError):
+    """train.max_nonfinite_steps optimizer steps in a row had inf/NaN gradients."""
+
+
+def divergence(run: Run, window: list[list[int]]) -> str:
+    """What stopped a run after train.max_nonfinite_steps non-finite steps in a row: the steps, where the last
+    finite weights are saved, and the data of the last offending batch."""
+    state, limit = run.state, run.cfg.train.max_nonfinite_steps
+    first = state.step - state.nonfinite_streak + 1
+    indices = sorted(i for micro_batch in window for i in micro_batch)
+    named = "; ".join(run.data.describe_rows(state.epoch, indices))
+    return (f"steps {first}-{state.step}: {state.nonfinite_streak} optimizer steps in a row had inf/NaN gradients "
+            f"(train.max_nonfinite_steps={limit}); the weights of step {first - 1}, the last finite one, are saved "
+            f"in {run.checkpoints / f'step-{state.step:06d}'}; the last offending batch: epoch {state.epoch}, rows "
+            f"{indices}: {named}")
 
 
 def evaluate(run: Run) -> bool:
@@ -346,8 +385,9 @@ def evaluate(run: Run) -> bool:
     value = metrics.get(best_metric)
     is_best = False
     if value is not None and step > 0 and run.accelerator.is_main_process:
-        is_best = checkpoint.update_best(run.checkpoints, step, best_metric, value, run.cfg.eval.best_mode)
-    if is_best:
+        is_best = checkpoint.beats_best(run.checkpoints, value, run.cfg.eval.best_mode)
+    if is_best:  # best.json moves once the checkpoint is saved whole, never to a directory a crash could tear
+        run.new_best = (step, best_metric, value)
         run.log.print(f"new best {best_metric}={value:.4g} at step {step}")
     return bool(broadcast_object_list([is_best])[0])  # rank 0 decides; every rank takes part in the save
 
@@ -363,6 +403,8 @@ def save(run: Run) -> None:
             "optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
             "sampler": run.sampler.state_dict(), "train_state": run.state.state_dict()}, adapter,
             run.data.fmt.tokenizer if whole else None)
+        if run.new_best and run.new_best[0] == run.state.step:
+            checkpoint.record_best(run.checkpoints, *run.new_best)
         checkpoint.prune(run.checkpoints, run.cfg.train.keep_last)
     run.accelerator.wait_for_everyone()
 
@@ -395,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err.one_line() if isinstance(err, DataError) else err}", file=sys.stderr)
         return 2
+    except checkpoint.CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Diverged as err:  # the run itself failed, not its input
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,7 +8,9 @@ A checkpoint directory `checkpoints/step-000050/` holds:
 - trainer_state.pt: optimizer, scheduler, scaler and sampler states, RNG states, counters;
 - config.yaml: the run's config snapshot.
 It is written under a temporary name and renamed when complete, so a crash never leaves a half checkpoint that
-`--resume auto` would pick. The last `keep_last` are kept, plus the best by the configured metric.
+`--resume auto` would pick; `complete.json`, written last, lists every file's size, and a directory without it (or
+whose files differ from it, as a partial copy would) is torn: never resumed from, never pointed at by best.json.
+The last `keep_last` are kept, plus the best by the configured metric.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ from .atomic import atomic_dir, atomic_write_text
 from .config import Config, save_config
 
 STATE_FILE = "trainer_state.pt"
+# written last into a checkpoint, with every other file's size: without it (or with a size that differs) the
+# directory is torn, whatever its name, and never loaded
+COMPLETE_FILE = "complete.json"
 # A prompt-learning adapter's whole trained module, for resume: PEFT's adapter file keeps only the virtual tokens'
 # embeddings it computes (for P-tuning, the MLP that computes them is not in it)
 PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
@@ -54,12 +59,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories never match)."""
+def _named(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def is_complete(path: Path) -> bool:
+    """The completion marker is there and every file it lists has the size it records."""
+    try:
+        listed = json.loads((Path(path) / COMPLETE_FILE).read_text(encoding="utf-8"))["files"]
+        return all((Path(path) / name).stat().st_size == size for name, size in listed.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories never match, torn ones are left out)."""
+    return [path for path in _named(root) if is_complete(path)]
+
+
+def torn_dirs(root: Path) -> list[Path]:
+    """Checkpoint directories without a valid completion marker, oldest first: never loaded."""
+    return [path for path in _named(root) if not is_complete(path)]
 
 
 def save_checkpoint(root: Path, step: int, model, config: Config, state: dict,
@@ -79,7 +102,13 @@ def save_checkpoint(root: Path, step: int, model, config: Config, state: dict,
             tokenizer.save_pretrained(temporary)
         torch.save({**state, "rng": rng_state()}, temporary / STATE_FILE)
         save_config(config, temporary / "config.yaml")
+        _mark_complete(temporary, step)
     return final
+
+
+def _mark_complete(directory: Path, step: int) -> None:
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+    (directory / COMPLETE_FILE).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
 
 
 def step_of(path: Path) -> int:
@@ -104,8 +133,20 @@ def config_changes(path: Path, current: Config) -> list[str]:
     return changes
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from, said in one line naming it."""
+
+
 def load_state(path: Path) -> dict:
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    """trainer_state.pt, unpickling tensors and plain values only: a file holding other objects is refused."""
+    import pickle
+
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path / STATE_FILE}: holds objects other than tensors and plain values, which are "
+                              f"never unpickled here (torch.load weights_only=True: {first})") from None
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -118,6 +159,9 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE})")
+    if not is_complete(path):
+        raise FileNotFoundError(f"--resume {resume}: a torn checkpoint (no valid {COMPLETE_FILE}: the save did not "
+                                f"finish); resume from an earlier one")
     return path
 
 
@@ -132,16 +176,20 @@ def run_dir_to_resume(resume: str, runs: Path = Path("runs")) -> Path | None:
     return None
 
 
-def update_best(root: Path, step: int, metric: str, value: float, mode: str) -> bool:
-    """Record the checkpoint at `step` as best if `value` beats the recorded one; True when it does."""
+def beats_best(root: Path, value: float, mode: str) -> bool:
+    """Whether `value` beats the best recorded in best.json (any value does when none is)."""
     best_file = root / BEST_FILE
     best = json.loads(best_file.read_text()) if best_file.is_file() else None
-    better = best is None or (value < best["value"] if mode == "min" else value > best["value"])
-    if better:
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(best_file, json.dumps({"step": step, "metric": metric, "value": value,
-                                                 "path": f"{PREFIX}{step:06d}"}, indent=1))
-    return better
+    return best is None or (value < best["value"] if mode == "min" else value > best["value"])
+
+
+def record_best(root: Path, step: int, metric: str, value: float) -> None:
+    """Point best.json at the checkpoint of `step`, which must be complete: called after its save."""
+    path = root / f"{PREFIX}{step:06d}"
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: not a complete checkpoint; best.json keeps pointing at the previous best")
+    atomic_write_text(root / BEST_FILE, json.dumps({"step": step, "metric": metric, "value": value,
+                                                    "path": path.name}, indent=1))
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -201,7 +249,7 @@ def resolve_adapter(path: str | Path) -> Path:
     checkpoints = path / "checkpoints"
     best = checkpoints / BEST_FILE
     found = checkpoint_dirs(checkpoints)
-    if best.is_file() and (checkpoints / json.loads(best.read_text())["path"]).is_dir():
+    if best.is_file() and is_complete(checkpoints / json.loads(best.read_text())["path"]):
         chosen = checkpoints / json.loads(best.read_text())["path"]
     elif found:
         chosen = found[-1]

@@ -103,6 +103,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03  # used when warmup_steps is 0
     min_lr_ratio: float = 0.1  # decay floor, as a fraction of lr
     max_grad_norm: float = 1.0  # 0 = no clipping
+    # an inf/NaN gradient skips its step (fp16: the scaler's skip); this many in a row save the last finite state
+    # and stop the run, naming the step and the batch
+    max_nonfinite_steps: int = 8
     save_every: int = 0  # optimizer steps between checkpoints; 0 = auto, every ~10% of the run (and at the end)
     keep_last: int = 2
     resume: str = ""  # "", "auto" (latest in log.dir) or a checkpoint path
@@ -241,6 +244,7 @@ def validate(config: Config, device: str = "cpu", processes: int = 1) -> None:
     t = config.train
     positive = {"train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
                 "train.epochs": t.epochs, "train.bucket_multiplier": t.bucket_multiplier, "lora.r": config.lora.r,
+                "train.max_nonfinite_steps": t.max_nonfinite_steps,
                 "data.max_len": config.data.max_len, "data.max_items": config.data.max_items,
                 "eval.batch_size": config.eval.batch_size, "eval.max_new_tokens": config.eval.max_new_tokens}
     for key, value in positive.items():
@@ -349,8 +353,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), devic
             raise ConfigError(f"config file {path} does not exist")
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                              f"re-save the file as UTF-8") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+            first = " ".join(str(err).split())  # PyYAML's messages span lines
+            raise ConfigError(f"{path}: invalid YAML: {first}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(values).__name__}")
         try:

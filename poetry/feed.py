@@ -50,6 +50,13 @@ class TaskData:
             self.dropped_train[epoch] = len(examples) - len(self._epochs[epoch])
         return self._epochs[epoch]
 
+    def describe_rows(self, epoch: int, rows: list[int]) -> list[str]:
+        """What rows of `train_epoch(epoch)` are, to name them in a message: the poem's title and source."""
+        built = [(example, poem) for poem in self.builder.poems for example in self.builder.examples(poem, epoch)]
+        dataset = self.train_epoch(epoch)
+        named = [built[dataset[row]["example"]] for row in rows]
+        return [f"《{example.question.title}》 {poem.source or ''}".strip() for example, poem in named]
+
     @cached_property
     def val_examples(self) -> list[Example]:
         return validation_examples(self.val_poems, self.builder.seed, self.cfg.max_items)

@@ -2,18 +2,39 @@
 every weight), checkpointing, and the virtual tokens of prompt-learning adapters."""
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 
-from .config import LoraConfig, ModelConfig, PeftConfig
+from .config import ConfigError, LoraConfig, ModelConfig, PeftConfig
 from .precision import DTYPES, choose
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU builds log a 4-bit kernel warning at import
 
 
+def refuse_remote_code(path: str, trust_remote_code: bool) -> None:
+    """A model whose code ships in its directory (`auto_map` in config.json or tokenizer_config.json) stops here
+    unless model.trust_remote_code is set: loading it would run that code."""
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        file = Path(path) / name
+        try:
+            declared = json.loads(file.read_text(encoding="utf-8")).get("auto_map") if file.is_file() else None
+        except (ValueError, AttributeError):
+            continue  # not this check's business: the loader names a broken file itself
+        if declared:
+            raise ConfigError(f"{file}: the model's own code ships in its directory (auto_map: "
+                              f"{', '.join(declared)}), and loading it would run that code; read it, then set "
+                              f"model.trust_remote_code=true (train.py) if you trust it")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+
+    refuse_remote_code(path, trust_remote_code)
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
@@ -38,6 +59,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", for_trainin
     checkpointing from the config."""
     from transformers import AutoModelForCausalLM
 
+    refuse_remote_code(cfg.path, cfg.trust_remote_code)
     dtype = DTYPES[choose(cfg.dtype, torch.device(device).type).value]
     quantization = quantization_config(cfg, dtype)
     model = AutoModelForCausalLM.from_pretrained(

@@ -186,7 +186,7 @@ def tokenize_examples(examples: list[Example], fmt: PromptFormat, max_len: int):
     rows = [{"example": i} for i in range(len(examples))]
     fingerprint = hashlib.sha1(repr(examples).encode()).hexdigest()
     encoded = datasets.Dataset.from_list(rows).map(
-        lambda row: fmt.encode(examples[row["example"]]), remove_columns=["example"],
+        lambda row: fmt.encode(examples[row["example"]]),  # `example` stays: which example a row is
         new_fingerprint=f"{fingerprint[:16]}-{type(fmt.tokenizer).__name__}", desc="tokenizing")
     kept = encoded.filter(lambda row: row["length"] <= max_len, new_fingerprint=f"{fingerprint[:16]}-{max_len}")
     if len(kept) < len(encoded):

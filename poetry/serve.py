@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from .data import Answer, DataError, Question, check_submission, parse_questions
+from .data.io import loads
 from .decode import Reply
 
 log = logging.getLogger(__name__)
@@ -343,11 +344,11 @@ async def _body(request: Request, limit: int) -> object:
     except UnicodeDecodeError as err:
         raise ApiError(400, f"the body is not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
     try:
-        return json.loads(text)
+        return loads(text)  # objects remember repeated keys, which validation then names
     except json.JSONDecodeError as err:
         raise ApiError(400, f"the body is not JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
-    except RecursionError:
-        raise ApiError(400, "the body is not JSON this server reads: nested too deeply") from None
+    except ValueError as err:
+        raise ApiError(400, f"the body is not JSON this server reads: {err}") from None
 
 
 def _questions(data: object, max_questions: int) -> list[Question]:

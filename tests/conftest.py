@@ -90,3 +90,13 @@ def shared_train():
     if not SHARED_TRAIN.is_dir():
         pytest.skip(f"official training data not found at {SHARED_TRAIN} (../shared is absent)")
     return SHARED_TRAIN
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """Accelerate keeps its state in singletons: a test that runs train.py in-process resets them after itself."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -125,6 +125,7 @@ def test_serve_benchmark_loads_the_real_server_and_counts_the_batches(tiny_model
     assert "infer.py serve under load" in result.stdout
 
 
+@pytest.mark.slow
 def test_methods_benchmark_trains_each_method_and_tabulates_them(tiny_model_dir, few_poems, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "methods.py"), "--config", "configs/tiny.yaml",
                              "--model", str(tiny_model_dir), "--data", str(few_poems), "--steps", "1",

@@ -135,12 +135,13 @@ def test_bad_model_or_adapter_is_one_error_line(flag, value, tiny_model_dir, tmp
 
 
 def test_adapter_may_be_a_run_directory(adapter_dir, tmp_path):
-    from poetry.checkpoint import resolve_adapter
+    from poetry.checkpoint import _mark_complete, resolve_adapter
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     for step in (2, 4):
         shutil.copytree(adapter_dir, run / "checkpoints" / f"step-{step:06d}")
+        _mark_complete(run / "checkpoints" / f"step-{step:06d}", step)  # as a finished save leaves it
     assert resolve_adapter(adapter_dir) == adapter_dir
     assert resolve_adapter(run) == run / "checkpoints" / "step-000004"  # no best recorded: the latest
     (run / "checkpoints" / "best.json").write_text(json.dumps({"path": "step-000002"}))

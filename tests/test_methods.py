@@ -29,16 +29,7 @@ import train as train_script  # noqa: E402
 METHODS = ["lora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "full"]
 VIRTUAL = 5
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerator")
 
 
 def trained(path, method: str, for_training: bool = False, checkpointing: bool = False):
@@ -142,7 +133,9 @@ def run_config(tiny_model_dir, few_poems, run_dir, method, *overrides):
         *overrides])
 
 
-@pytest.mark.parametrize("method", METHODS[1:])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=[pytest.mark.slow] if m in ("prompt_tuning", "prefix_tuning",
+                                                                                     "ia3") else [])
+                                    for m in METHODS[1:]])  # p_tuning and full in make test: the most distinct
 def test_each_method_resumes_bitwise_and_saves_what_infer_loads(tiny_model_dir, few_poems, tmp_path, method):
     """4 steps straight vs 2, a fresh process state, then 2 more: identical trained weights. The checkpoint is an
     adapter (a whole model with its tokenizer for full), and infer.py answers with it."""

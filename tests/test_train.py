@@ -21,14 +21,7 @@ from conftest import ROOT, SAMPLE
 sys.path.insert(0, str(ROOT))
 import train as train_script  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerator")
 
 
 def config(tiny_model_dir, data, run_dir, *overrides):
@@ -81,7 +74,8 @@ def test_run_directory_checkpoints_and_curves(tiny_model_dir, few_poems, tmp_pat
     kept = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())
     assert kept == sorted({"step-000006", best["path"]})  # keep_last=1 plus the best
     assert {p.name for p in (checkpoints / "step-000006").iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", "README.md", "trainer_state.pt", "config.yaml"}
+        "adapter_config.json", "adapter_model.safetensors", "README.md", "trainer_state.pt", "config.yaml",
+        "complete.json"}
     assert not list(checkpoints.glob(".*tmp"))
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -32,35 +32,60 @@ def _decode(path: Path, shown: str) -> str:
     return text.replace("\r\n", "\n")
 
 
+class _Object(dict):
+    """A JSON object that remembers the keys it was given more than once (json keeps the last value silently)."""
+
+    def __init__(self, pairs: list[tuple[str, object]]):
+        super().__init__(pairs)
+        self.repeated = sorted({key for key, _ in pairs if sum(k == key for k, _ in pairs) > 1})
+
+
+def loads(text: str) -> object:
+    """json.loads with objects that remember repeated keys; a value nested past Python's recursion limit is a
+    ValueError, as any other unreadable JSON."""
+    try:
+        return json.loads(text, object_pairs_hook=_Object)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _parse(text: str, shown: str, number: int | None, label: str = "record") -> object:
+    try:
+        return loads(text)
+    except json.JSONDecodeError as err:
+        where = f"line {err.lineno}, column {err.colno}" if number is None else f"column {err.colno}"
+        raise DataError([Issue(shown, number, None, f"invalid JSON at {where}: {err.msg}", label)]) from None
+    except ValueError as err:
+        raise DataError([Issue(shown, number, None, f"invalid JSON: {err}", label)]) from None
+
+
 def _parse_records(path: Path, shown: str) -> tuple[list[tuple[int, object]], str]:
     """(number, raw record) pairs and the label for numbers: list index for JSON, 1-based line for JSONL."""
     if not path.is_file():
         raise DataError([Issue(shown, None, None, "no such file")])
     text = _decode(path, shown)
     if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.split("\n"), start=1):
-            if line.strip():
-                try:
-                    records.append((number, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise DataError([Issue(shown, number, None, f"invalid JSON at column {err.colno}: {err.msg}",
-                                           "line")]) from None
-        return records, "line"
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError([Issue(shown, None, None, f"invalid JSON at line {err.lineno}, column {err.colno}: "
-                                                  f"{err.msg}")]) from None
+        lines = enumerate(text.split("\n"), start=1)
+        return [(number, _parse(line, shown, number, "line")) for number, line in lines if line.strip()], "line"
+    data = _parse(text, shown, None)
     if not isinstance(data, list):
         raise DataError([Issue(shown, None, None, f"expected a JSON list of records, got {_type_name(data)}")])
     return list(enumerate(data)), "record"
 
 
+def _repeated_keys(raw: dict) -> list[tuple[str, str]]:
+    """(field, key) for each key a record, or an object in one of its fields, gives more than once."""
+    found = [(key, key) for key in getattr(raw, "repeated", [])]
+    for name, value in raw.items():
+        if isinstance(value, dict):
+            found += [(name, key) for key in getattr(value, "repeated", [])]
+    return found
+
+
 def _type_name(value: object) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
+    names = ((bool, "a boolean"), (dict, "an object"), (list, "a list"), (str, "a string"), (int, "an integer"),
+             (float, "a number"), (type(None), "null"))  # bool before int: True is an int too
+    return next((name for kind, name in names if isinstance(value, kind)), type(value).__name__)
 
 
 class _Fields:
@@ -152,6 +177,8 @@ def _validate(records: list[tuple[int, object]], label: str, build: Callable[[_F
         fields = _Fields(raw, lambda name, msg, issues=issues, number=number:
                          issues.append(Issue(shown, number, name, msg, label)))
         if isinstance(raw, dict):
+            for name, key in _repeated_keys(raw):
+                fields.issue(name, f"the key {key!r} is given twice; which value is meant?")
             record = build(fields, f"{shown}:{number}")
         else:
             fields.issue(None, f"expected an object, got {_type_name(raw)}")
