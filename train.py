@@ -434,11 +434,8 @@ def train(cfg: Config):
 def main(argv: list[str] | None = None) -> int:
     try:
         train(parse_args(argv))
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, checkpoint.CheckpointError) as err:
         print(f"error: {err.one_line() if isinstance(err, DataError) else err}", file=sys.stderr)
-        return 2
-    except checkpoint.CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
         return 2
     except Diverged as err:  # the run itself failed, not its input
         print(f"error: {err}", file=sys.stderr)

@@ -248,9 +248,10 @@ def resolve_adapter(path: str | Path) -> Path:
         return path
     checkpoints = path / "checkpoints"
     best = checkpoints / BEST_FILE
+    best_dir = checkpoints / json.loads(best.read_text())["path"] if best.is_file() else None
     found = checkpoint_dirs(checkpoints)
-    if best.is_file() and is_complete(checkpoints / json.loads(best.read_text())["path"]):
-        chosen = checkpoints / json.loads(best.read_text())["path"]
+    if best_dir is not None and is_complete(best_dir):
+        chosen = best_dir
     elif found:
         chosen = found[-1]
     else:

@@ -7,6 +7,7 @@ goes through `datasets.map` (see poetry.prompt), where the library does help.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -37,7 +38,7 @@ class _Object(dict):
 
     def __init__(self, pairs: list[tuple[str, object]]):
         super().__init__(pairs)
-        self.repeated = sorted({key for key, _ in pairs if sum(k == key for k, _ in pairs) > 1})
+        self.repeated = sorted(key for key, n in Counter(key for key, _ in pairs).items() if n > 1)
 
 
 def loads(text: str) -> object:
