@@ -36,6 +36,7 @@ import functools  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -48,7 +49,7 @@ from poetry.config import Config, ConfigError, check_inputs, load_config  # noqa
 from poetry.data import DataError  # noqa: E402
 from poetry.loss import TargetOnlyLoss  # noqa: E402
 from poetry.model import add_adapter, load_model, load_tokenizer, trainable_parameters  # noqa: E402
-from poetry.parallel import Parallel  # noqa: E402
+from poetry.parallel import Parallel, collective_failed, lost_peer_message  # noqa: E402
 from poetry.precision import DTYPES  # noqa: E402
 from poetry.prompt import PromptFormat  # noqa: E402
 from poetry.quiet import quiet_libraries  # noqa: E402
@@ -134,7 +135,8 @@ def autocast(precision: str, device_type: str):
 def setup_processes(cfg: Config) -> tuple[Accelerator, runlog.RunLog, Path | None]:
     """The process group, the run directory the ranks agree on, the run log; and the checkpoint to resume, if any."""
     tracker = runlog.tracker_for(cfg.log)
-    PartialState(cpu=cfg.train.cpu)  # the process group first: rank 0's choice of run directory is broadcast
+    # the process group first: rank 0's choice of run directory is broadcast
+    PartialState(cpu=cfg.train.cpu, timeout=timedelta(seconds=cfg.train.dist_timeout_s))
     chosen = cfg.log.dir or checkpoint.run_dir_to_resume(cfg.train.resume) or runlog.default_run_dir()
     run_dir = Path(broadcast_object_list([str(chosen)])[0])
     accelerator = Accelerator(cpu=cfg.train.cpu, log_with=tracker, project_dir=run_dir)
@@ -433,12 +435,18 @@ def train(cfg: Config):
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        train(parse_args(argv))
+        cfg = parse_args(argv)
+        train(cfg)
     except (ConfigError, DataError, FileNotFoundError, checkpoint.CheckpointError) as err:
         print(f"error: {err.one_line() if isinstance(err, DataError) else err}", file=sys.stderr)
         return 2
     except Diverged as err:  # the run itself failed, not its input
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if not collective_failed(err):
+            raise
+        print(f"error: {lost_peer_message(err, cfg.train.dist_timeout_s)}", file=sys.stderr)  # cfg: a group existed
         return 1
     return 0
 

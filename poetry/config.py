@@ -111,6 +111,10 @@ class TrainConfig:
     resume: str = ""  # "", "auto" (latest in log.dir) or a checkpoint path
     cpu: bool = False  # force CPU (also for multi-process runs on CPU)
     fsdp: bool = False  # shard the frozen base across processes (FSDP2) instead of replicating it (DDP)
+    # seconds a process waits in a collective for the others before the run stops with an error naming it: the
+    # bound on a hang when a rank dies or freezes (torch's gloo default is 30 min). Long enough for what rank 0
+    # does alone while the others wait: building a builtin model, saving a whole model (peft.method=full)
+    dist_timeout_s: int = 600
     profile_memory: bool = False  # record a CUDA memory snapshot of the first steps
 
 
@@ -244,7 +248,7 @@ def validate(config: Config, device: str = "cpu", processes: int = 1) -> None:
     t = config.train
     positive = {"train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
                 "train.epochs": t.epochs, "train.bucket_multiplier": t.bucket_multiplier, "lora.r": config.lora.r,
-                "train.max_nonfinite_steps": t.max_nonfinite_steps,
+                "train.max_nonfinite_steps": t.max_nonfinite_steps, "train.dist_timeout_s": t.dist_timeout_s,
                 "data.max_len": config.data.max_len, "data.max_items": config.data.max_items,
                 "eval.batch_size": config.eval.batch_size, "eval.max_new_tokens": config.eval.max_new_tokens}
     for key, value in positive.items():

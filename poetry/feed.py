@@ -72,10 +72,14 @@ class TaskData:
 
 
 class LengthBucketBatchSampler:
-    """Batches of indices for one epoch at a time; every example exactly once per epoch on a single process.
+    """This rank's micro-batches of indices, one epoch at a time; every example exactly once per epoch.
 
-    Distributed: rank r takes batches r, r+W, r+2W, ...; when the batch count does not divide by W, the first
-    batches are repeated so every rank runs the same number of steps (a DDP step needs all ranks).
+    The epoch is cut into global batches of `batch_size` x `num_replicas` examples, and rank r takes rows r, r+W,
+    r+2W, ... of each (a batch is sorted longest first, so the ranks get alike lengths). The global batches depend
+    on that product only: 2 ranks of batch b see exactly the batches 1 process of batch 2b sees, and a step's
+    gradient is the same. A batch with fewer rows than ranks leaves a rank an empty part, which the Collator turns
+    into a row without targets: that rank still joins the gradient all-reduce and adds nothing to it.
+    `max_tokens` bounds each rank's padded tokens instead of its row count.
     `state_dict()` records (epoch, batches consumed), so a resume continues mid-epoch at the same batch.
     """
 
@@ -83,8 +87,9 @@ class LengthBucketBatchSampler:
                  max_tokens: int = 0, num_replicas: int = 1, rank: int = 0):
         if not lengths:
             raise ValueError("no examples to batch")
-        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
-        self.bucket_size = batch_size * bucket_multiplier
+        self.lengths, self.seed = list(lengths), seed
+        self.global_size = batch_size * num_replicas
+        self.bucket_size = self.global_size * bucket_multiplier
         self.max_tokens, self.num_replicas, self.rank = max_tokens, num_replicas, rank
         self.epoch, self.consumed = 0, 0
 
@@ -97,20 +102,25 @@ class LengthBucketBatchSampler:
             self.lengths = list(lengths)
 
     def _cost(self, batch: list[int]) -> int:
-        return len(batch) * max(self.lengths[i] for i in batch)  # padded tokens
+        return len(batch) * max(self.lengths[i] for i in batch)  # padded tokens over all ranks
+
+    def _rows_per_rank(self, rows: int) -> int:
+        return -(-rows // self.num_replicas)  # rank 0's share, the largest
 
     def _split(self, bucket: list[int]) -> list[list[int]]:
         if not self.max_tokens:
-            return [bucket[i:i + self.batch_size] for i in range(0, len(bucket), self.batch_size)]
+            return [bucket[i:i + self.global_size] for i in range(0, len(bucket), self.global_size)]
         batches, current = [], []
         for index in bucket:  # longest first, so the first example of a batch fixes its padded length
-            if current and (len(current) + 1) * self.lengths[current[0]] > self.max_tokens:
+            rows = self._rows_per_rank(len(current) + 1)
+            if rows > 1 and rows * self.lengths[current[0]] > self.max_tokens:  # one row a rank, whatever its length
                 batches.append(current)
                 current = []
             current.append(index)
         return batches + [current] if current else batches
 
     def global_batches(self) -> list[list[int]]:
+        """The epoch's batches over all ranks, the costliest first (an out-of-memory shows at step 1)."""
         rng = random.Random(f"{self.seed}:{self.epoch}")
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
@@ -118,18 +128,17 @@ class LengthBucketBatchSampler:
         for start in range(0, len(order), self.bucket_size):
             bucket = sorted(order[start:start + self.bucket_size], key=lambda i: -self.lengths[i])
             batches += self._split(bucket)
-        costliest = sorted(range(len(batches)), key=lambda b: -self._cost(batches[b]))[:self.num_replicas]
-        rest = [batch for b, batch in enumerate(batches) if b not in costliest]
+        costliest = max(range(len(batches)), key=lambda b: self._cost(batches[b]))
+        rest = batches[:costliest] + batches[costliest + 1:]
         rng.shuffle(rest)
-        batches = [batches[b] for b in costliest] + rest
-        remainder = -len(batches) % self.num_replicas
-        return batches + batches[:remainder]
+        return [batches[costliest]] + rest
 
     def rank_batches(self) -> list[list[int]]:
-        return self.global_batches()[self.rank::self.num_replicas]
+        """This rank's part of each global batch (empty when the batch has fewer rows than ranks)."""
+        return [batch[self.rank::self.num_replicas] for batch in self.global_batches()]
 
     def __len__(self) -> int:
-        return len(self.rank_batches())
+        return len(self.global_batches())
 
     def __iter__(self):
         batches = self.rank_batches()
@@ -147,7 +156,9 @@ class LengthBucketBatchSampler:
 @dataclass
 class Collator:
     """Right-pads a list of tokenised examples to the batch's longest (rounded up to a multiple, which lets tensor
-    cores use aligned shapes); labels are padded with IGNORE_INDEX so padding is never learned.
+    cores use aligned shapes); labels are padded with IGNORE_INDEX so padding is never learned. No rows (a rank's
+    empty part of a small global batch) give one pad-token row without targets: a forward and backward that add
+    nothing, which the rank needs to join the step's gradient all-reduce.
 
     Not transformers' DataCollatorForSeq2Seq, which pads on the tokenizer's side (left for Gemma and Llama), wants a
     list of rows without the `length` column, and took 1.8x as long (tests/test_feed.py compares them)."""
@@ -158,6 +169,7 @@ class Collator:
     def __call__(self, columns: dict[str, list]) -> dict[str, torch.Tensor]:
         """`columns` as `dataset[indices]` returns them: {"input_ids": [[...], ...], "labels": [[...], ...]}."""
         rows = list(zip(columns["input_ids"], columns["labels"], strict=True))
+        rows = rows or [([self.pad_token_id], [IGNORE_INDEX])]
         longest = max(len(ids) for ids, _ in rows)
         width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {"input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),

@@ -9,6 +9,8 @@ adapter-only checkpoints. Under FSDP every forward is a collective, so all ranks
 """
 from __future__ import annotations
 
+import os
+import re
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -117,3 +119,18 @@ class Parallel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(loss_module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def collective_failed(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed because another process died or stopped answering: gloo says so
+    with a RuntimeError from its sources, NCCL with a DistError."""
+    return isinstance(err, torch.distributed.DistError) or "/gloo/" in str(err)
+
+
+def lost_peer_message(err: BaseException, timeout_s: int) -> str:
+    """One line for a failed collective (`collective_failed(err)`): this rank, the backend's reason, what to do."""
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", str(err).splitlines()[0]).split(". ")[0]  # gloo's source location out
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else os.environ.get("RANK", "?")
+    return (f"rank {rank}: a collective failed ({cause}): another process died or stopped answering (each waits "
+            f"at most train.dist_timeout_s={timeout_s} s); its own output says why. The checkpoints saved before "
+            "are complete: continue with --resume auto")

@@ -26,6 +26,7 @@ def test_yaml_then_overrides(tmp_path):
     ("train.epochs=two", "train.epochs: expected int, got 'two'"),
     ("train.cpu=3", "train.cpu: expected bool, got 3"),
     ("train.micro_batch_size=0", "train.micro_batch_size: must be at least 1, got 0"),
+    ("train.dist_timeout_s=0", "train.dist_timeout_s: must be at least 1, got 0"),
     ("data.val_fraction=1.5", "data.val_fraction: must be in [0, 1)"),
     ("train=3", "train: expected a section (mapping), got 3"),
     ("train.lr", "must look like section.key=value"),

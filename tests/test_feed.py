@@ -15,6 +15,11 @@ def epoch_batches(sampler, epoch):
     return list(sampler)
 
 
+def cost(batch):
+    """Padded tokens."""
+    return len(batch) * max(LENGTHS[i] for i in batch)
+
+
 def test_every_example_exactly_once_per_epoch():
     sampler = LengthBucketBatchSampler(LENGTHS, batch_size=8, seed=1, bucket_multiplier=4)
     for epoch in range(3):
@@ -25,9 +30,6 @@ def test_every_example_exactly_once_per_epoch():
 def test_buckets_reduce_padding_and_costliest_batch_first():
     sampler = LengthBucketBatchSampler(LENGTHS, batch_size=8, seed=1, bucket_multiplier=4)
     batches = epoch_batches(sampler, 0)
-
-    def cost(batch):
-        return len(batch) * max(LENGTHS[i] for i in batch)
 
     assert cost(batches[0]) == max(map(cost, batches))
     padded = sum(map(cost, batches))
@@ -44,29 +46,43 @@ def test_order_is_seeded_and_changes_per_epoch():
     assert epoch_batches(LengthBucketBatchSampler(LENGTHS, 8, seed=2), 0) != epoch_batches(b, 0)
 
 
-def test_token_budget_batches():
-    sampler = LengthBucketBatchSampler(LENGTHS, batch_size=1, seed=0, bucket_multiplier=200, max_tokens=300)
-    batches = epoch_batches(sampler, 0)
-    assert all(len(b) * max(LENGTHS[i] for i in b) <= 300 or len(b) == 1 for b in batches)
-    assert sorted(i for b in batches for i in b) == list(range(len(LENGTHS)))
-    assert max(map(len, batches)) > 1
-
-
 @pytest.mark.parametrize("world", [2, 3])
-def test_ranks_get_distinct_batches_and_equal_counts(world):
-    samplers = [LengthBucketBatchSampler(LENGTHS, 8, seed=4, num_replicas=world, rank=r) for r in range(world)]
+def test_ranks_split_the_global_batches_one_process_of_the_whole_batch_would_see(world):
+    """W ranks of batch b run, step by step, the batches of 1 process of batch b*W: the same gradients."""
+    samplers = [LengthBucketBatchSampler(LENGTHS, 4, seed=4, num_replicas=world, rank=r) for r in range(world)]
+    single = LengthBucketBatchSampler(LENGTHS, 4 * world, seed=4)
+    for epoch in range(2):
+        per_rank = [epoch_batches(s, epoch) for s in samplers]
+        whole = epoch_batches(single, epoch)
+        assert [len(batches) for batches in per_rank] == [len(whole)] * world == [len(s) for s in samplers]
+        for step, batch in enumerate(whole):
+            parts = [batches[step] for batches in per_rank]
+            assert sorted(i for part in parts for i in part) == sorted(batch)  # each example once, on one rank
+            assert all(len(part) <= 4 for part in parts)
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        rank_costs = [cost(batches[0]) for batches in per_rank if batches[0]]
+        assert cost(whole[0]) == max(map(cost, whole)) and max(rank_costs) == max(  # every rank's OOM at step 1
+            cost(part) for batches in per_rank for part in batches if part)
+
+
+def test_a_batch_smaller_than_the_world_leaves_a_rank_a_row_without_targets():
+    lengths = [30, 20, 10, 40, 50]  # one bucket: batches of 4 and 1, so rank 1 has nothing in the second
+    parts = [epoch_batches(LengthBucketBatchSampler(lengths, 2, num_replicas=2, rank=r), 0) for r in range(2)]
+    assert [list(map(len, p)) for p in parts] == [[2, 1], [2, 0]]
+    filler = Collator(pad_token_id=7)({"input_ids": [], "labels": []})
+    assert filler["input_ids"][0, 0] == 7 and filler["attention_mask"][0].tolist() == [1] + [0] * 7
+    assert target_tokens(filler) == 0
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_token_budget_bounds_each_ranks_padded_tokens(world):
+    samplers = [LengthBucketBatchSampler(LENGTHS, 1, seed=0, bucket_multiplier=200, max_tokens=300,
+                                         num_replicas=world, rank=r) for r in range(world)]
     per_rank = [epoch_batches(s, 0) for s in samplers]
-    assert len({len(batches) for batches in per_rank}) == 1
-    everything = [i for batches in per_rank for b in batches for i in b]
-    assert set(everything) == set(range(len(LENGTHS)))
-    total_batches = len(LengthBucketBatchSampler(LENGTHS, 8, seed=4).global_batches())
-    assert len(everything) - len(LENGTHS) <= (world - 1) * 8 and len(per_rank[0]) * world >= total_batches
-
-    def cost(batch):
-        return len(batch) * max(LENGTHS[i] for i in batch)
-
-    costliest = sorted(map(cost, LengthBucketBatchSampler(LENGTHS, 8, seed=4).global_batches()))[-world:]
-    assert sorted(cost(batches[0]) for batches in per_rank) == costliest  # every rank meets its OOM at step 1
+    parts = [part for batches in per_rank for part in batches]
+    assert all(cost(part) <= 300 or len(part) == 1 for part in parts if part)
+    assert sorted(i for part in parts for i in part) == list(range(len(LENGTHS)))
+    assert max(map(len, parts)) > 1
 
 
 def test_resume_mid_epoch_continues_at_the_same_batch():
