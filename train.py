@@ -413,13 +413,14 @@ def save(run: Run) -> None:
 
 def report(run: Run) -> None:
     state, pace = run.state, run.pace
+    saved = "model" if run.cfg.peft.method == "full" else "adapter"  # a full run's checkpoint is a whole model
     run.log.print(f"done: {state.step} optimizer steps, {state.micro_step} micro-steps, {state.skipped} skipped; "
-                  f"adapter in {run.checkpoints / f'step-{state.step:06d}'}")
+                  f"{saved} in {run.checkpoints / f'step-{state.step:06d}'}")
     if pace.train_s:
         run.log.print(f"this session: {pace.steps / pace.train_s:.2f} steps/s, {pace.tokens / pace.train_s:.0f} "
                       f"tokens/s, padding efficiency {pace.tokens / pace.padded_tokens:.3f}, evaluation "
-                      f"{pace.eval_s:.0f} s ({100 * pace.eval_s / pace.train_s:.0f}% of training time), "
-                      f"peak memory {run.monitor.summary()}")
+                      f"{pace.eval_s:.0f} s ({100 * pace.eval_s / pace.train_s:.0f}% of training time), peak "
+                      f"{runlog.format_metrics(run.monitor.summary())}")
     for path in run.log.draw_curves():
         run.log.print(f"curve: {path}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -168,19 +169,28 @@ def _type_label(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: whole when short, cut with ... when long (a 1 MB string or a nested
+    list keeps the message to one readable line)."""
+    shown = reprlib.Repr()
+    shown.maxstring = shown.maxother = 60
+    shown.maxlist = shown.maxdict = 6
+    return shown.repr(value)
+
+
 def _coerce(key: str, hint: Any, value: Any) -> Any:
     """Check (and widen int -> float) a YAML value against a field's type hint."""
     origin = typing.get_origin(hint)
     if origin is Literal:
         if value not in typing.get_args(hint):
-            raise ConfigError(f"{key}: {value!r} is not valid; choose {_type_label(hint)}")
+            raise ConfigError(f"{key}: {_shown(value)} is not valid; choose {_type_label(hint)}")
         return value
     if origin in (list, tuple):
         (item_hint,) = typing.get_args(hint)
         if not isinstance(value, list):
             value = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list of {_type_label(item_hint)}, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {_type_label(item_hint)}, got {_shown(value)}")
         return [_coerce(f"{key}[{i}]", item_hint, item) for i, item in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -192,7 +202,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         raise ConfigError(errors[0])
     if hint is type(None):
         if value is not None:
-            raise ConfigError(f"{key}: expected null, got {value!r}")
+            raise ConfigError(f"{key}: expected null, got {_shown(value)}")
         return None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -204,7 +214,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {_type_label(hint)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_label(hint)}, got {_shown(value)}")
     return value
 
 
@@ -224,7 +234,7 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+                raise ConfigError(f"{key}: expected a section (mapping), got {_shown(value)}")
             _apply(current, value, f"{key}.")
         else:
             setattr(obj, name, _coerce(key, hints[name], value))

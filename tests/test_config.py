@@ -46,6 +46,20 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(tmp_path / "absent.yaml")
 
 
+def test_a_long_wrong_value_is_quoted_cut(tmp_path):
+    """A 1 MB string or a large nested list is quoted in a few dozen characters, not whole."""
+    path = tmp_path / "long.yaml"
+    path.write_text(f"train:\n  epochs: {'x' * 1_000_000}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: train.epochs: expected int, got 'xxx") and "...x" in message
+    assert len(message) < len(str(path)) + 120
+    path.write_text(f"train:\n  betas: {[[0.5] * 100] * 100}\n")
+    with pytest.raises(ConfigError, match=r"train\.betas\[0\]: expected float, got \[0\.5, 0\.5, .*\.\.\.\]$"):
+        load_config(path)
+
+
 def test_snapshot_round_trips(tmp_path):
     config = load_config(None, ["train.lr=3e-4", "lora.r=4"])
     save_config(config, tmp_path / "config.yaml")

@@ -138,12 +138,14 @@ def run_config(tiny_model_dir, few_poems, run_dir, method, *overrides):
 @pytest.mark.parametrize("method", [pytest.param(m, marks=[pytest.mark.slow] if m in ("prompt_tuning", "prefix_tuning",
                                                                                      "ia3") else [])
                                     for m in METHODS[1:]])  # p_tuning and full in make test: the most distinct
-def test_each_method_resumes_bitwise_and_saves_what_infer_loads(tiny_model_dir, few_poems, tmp_path, method):
+def test_each_method_resumes_bitwise_and_saves_what_infer_loads(tiny_model_dir, few_poems, tmp_path, method, capsys):
     """4 steps straight vs 2, a fresh process state, then 2 more: identical trained weights. The checkpoint is an
     adapter (a whole model with its tokenizer for full), and infer.py answers with it."""
     common = ("train.max_steps=4", "train.save_every=2", "train.keep_last=3")
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     train_script.train(run_config(tiny_model_dir, few_poems, straight, method, *common))
+    saved = "model" if method == "full" else "adapter"
+    assert f"{saved} in {straight / 'checkpoints' / 'step-000004'}" in capsys.readouterr().out
     (interrupted / "checkpoints").mkdir(parents=True)
     os.rename(straight / "checkpoints" / "step-000002", interrupted / "checkpoints" / "step-000002")
     torch.manual_seed(1234)
