@@ -31,7 +31,7 @@ from .decode import (
     padding_id,
     pick_most_likely_letter,
 )
-from .model import VirtualTokens
+from .model import CACHE_KEYWORD, VirtualTokens
 from .prompt import PromptFormat
 
 METHODS = typing.get_args(ChoiceMethod)
@@ -51,14 +51,14 @@ def option_logliks(model, fmt: PromptFormat, question: Question) -> dict[str, fl
     with inference(model):
         # without the config: every layer keeps all its slots (see decode._forward)
         cache = DynamicCache([(keys[None], values[None]) for keys, values in virtual.kv()] if virtual else None)
-        first = runner(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True,
+        first = runner(input_ids=torch.tensor([prompt], device=device), **{CACHE_KEYWORD: cache}, use_cache=True,
                        logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
         cache.batch_repeat_interleave(len(options))
         width, end = max(map(len, options)), start + len(prompt)
         ids = torch.tensor([o + [padding_id(fmt)] * (width - len(o)) for o in options], device=device)
         mask = torch.tensor([[1] * (end + len(o)) + [0] * (width - len(o)) for o in options], device=device)
         positions = torch.arange(end, end + width, device=device).expand(len(options), -1)
-        rest = runner(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        rest = runner(input_ids=ids, attention_mask=mask, position_ids=positions, **{CACHE_KEYWORD: cache},
                       use_cache=True).logits.float().log_softmax(-1)
     scores = []
     for row, option in enumerate(options):

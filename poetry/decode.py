@@ -48,7 +48,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from .data.records import OPTION_LETTERS, Answer, Question
-from .model import VirtualTokens
+from .model import CACHE_KEYWORD, VirtualTokens
 from .prompt import PromptFormat
 
 Progress = Callable[[int], None]  # called with the number of questions finished since the last call
@@ -395,7 +395,7 @@ def _forward(model, rows: list[_Row], pad_id: int) -> None:
     # position-dependent RoPE scaling and rounding at large positions do: an answer must not depend on its batch
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
     cache = DynamicCache(_batched_kv(rows, cached, past)) if past else DynamicCache()
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **{CACHE_KEYWORD: cache},
                 use_cache=True, logits_to_keep=1)
     for b, (row, sequence, logits) in enumerate(zip(rows, sequences, out.logits[:, -1].float(), strict=True)):
         row.ids, row.kv = sequence, [(layer.keys[b, :, -len(sequence):], layer.values[b, :, -len(sequence):])

@@ -7,9 +7,15 @@ import logging
 from pathlib import Path
 
 import torch
+import transformers
+from packaging.version import Version
 
 from .config import ConfigError, LoraConfig, ModelConfig, PeftConfig
 from .precision import DTYPES, choose
+
+# the keyword a model's forward takes its key/value cache by: transformers 5.24 renamed past_key_values to cache
+# and removes the old name in 5.40; setup.cfg allows releases on both sides of the rename
+CACHE_KEYWORD = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU builds log a 4-bit kernel warning at import
 
@@ -162,7 +168,7 @@ class VirtualTokens:
         mask = torch.cat([attention_mask.new_ones(batch, self.length), attention_mask], dim=1)
         if self.prefix:
             return decoder(input_ids=input_ids, attention_mask=mask,
-                           past_key_values=self.model.get_prompt(batch)).last_hidden_state
+                           **{CACHE_KEYWORD: self.model.get_prompt(batch)}).last_hidden_state
         embeds = decoder.get_input_embeddings()(input_ids)
         prompts = self.model.get_prompt(batch).to(embeds.dtype)
         return decoder(inputs_embeds=torch.cat([prompts, embeds], dim=1),
@@ -178,7 +184,7 @@ class VirtualTokens:
             cache = self.model.get_prompt(1)
         else:
             cache = DynamicCache()  # without the config: every layer keeps all its slots
-            self.base(inputs_embeds=self.model.get_prompt(1).to(self.base.dtype), past_key_values=cache,
+            self.base(inputs_embeds=self.model.get_prompt(1).to(self.base.dtype), **{CACHE_KEYWORD: cache},
                       use_cache=True, logits_to_keep=1)
         dtype = self.base.dtype  # prefix tuning's are computed from fp32 parameters
         return [(layer.keys[0].to(dtype), layer.values[0].to(dtype)) for layer in cache.layers]
