@@ -36,7 +36,8 @@ PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
 BEST_FILE = "best.json"
 PREFIX = "step-"
 # keys that change only bookkeeping or evaluation: a resume may change them freely, any other is worth a warning
-BOOKKEEPING_KEYS = {"train.resume", "train.save_every", "train.keep_last", "train.profile_memory", "eval", "log"}
+BOOKKEEPING_KEYS = {"train.resume", "train.save_every", "train.keep_last", "train.profile_memory",
+                    "train.dist_timeout_s", "eval", "log"}
 
 
 def rng_state() -> dict:
