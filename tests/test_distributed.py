@@ -106,6 +106,10 @@ def runs(tiny_model_dir, few_poems, tmp_path_factory):
     return root, ranks, one
 
 
+def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step-{STEPS:06d}" / "adapter_model.safetensors")
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -114,8 +118,7 @@ def test_two_processes_of_batch_b_train_what_one_process_of_batch_2b_trains(runs
     root, ranks, _ = runs
     assert ranks[0]["adapter"] == ranks[1]["adapter"]  # the gradients were reduced: both ranks hold the same weights
     assert [rank["empty_parts"] for rank in ranks] == [0, 1]  # the batch of one row: rank 1 joined with no targets
-    one, two = (load_file(root / name / "checkpoints" / f"step-{STEPS:06d}" / "adapter_model.safetensors")
-                for name in ("one", "two"))
+    one, two = final_adapter(root / "one"), final_adapter(root / "two")
     assert one.keys() == two.keys() and any("lora_B" in k and one[k].abs().max() > 0 for k in one)
     for key in one:  # the same examples per step; the sums run in another order
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
@@ -125,6 +128,21 @@ def test_two_processes_of_batch_b_train_what_one_process_of_batch_2b_trains(runs
         got = [(m["step"], m[name]) for m in two_lines if name in m]
         assert expected and [s for s, _ in got] == [s for s, _ in expected], name
         assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5, abs=1e-6), name
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_of_the_whole_batch(runs, tiny_model_dir, few_poems,
+                                                                           tmp_path):
+    """The sampler's position counts global batches, so step 2 of the 2-process run goes on in 1 process."""
+    root, _, _ = runs
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+                              *train_args(tiny_model_dir, few_poems, tmp_path, 4),
+                              f"train.resume={root / 'two' / 'checkpoints' / 'step-000002'}"],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "train.micro_batch_size: 2 -> 4" in resumed.stdout
+    one, continued = final_adapter(root / "one"), final_adapter(tmp_path)
+    for key in one:
+        torch.testing.assert_close(continued[key], one[key], rtol=0, atol=1e-5)
 
 
 def test_each_validation_question_is_scored_once_across_ranks(runs):
