@@ -182,7 +182,7 @@ from poetry.data import DataError, Example, check_submission, load_answers, load
 from poetry.decode import UnsupportedTokenizer, chat, decode_free, model_device  # noqa: E402
 from poetry.feed import Collator  # noqa: E402
 from poetry.loss import TargetOnlyLoss  # noqa: E402
-from poetry.model import VirtualTokens, load_model, load_tokenizer  # noqa: E402
+from poetry.model import is_prompt_learning, load_model, load_tokenizer  # noqa: E402
 from poetry.precision import choose, default_device  # noqa: E402
 from poetry.prompt import PromptFormat, tokenize_examples  # noqa: E402
 from poetry.validation import perplexity, target_loss_sums  # noqa: E402
@@ -276,7 +276,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
-    if VirtualTokens.of(model):
+    if is_prompt_learning(model):
         return _error(f"{args.adapter}: a {model.active_peft_config.peft_type.value.lower()} adapter has no weights to "
                       f"merge (its virtual tokens come before every prompt); use it as --adapter")
     merged = model.merge_and_unload()

@@ -154,8 +154,8 @@ def setup_processes(cfg: Config) -> tuple[Accelerator, runlog.RunLog, Path | Non
         log.print(note)
     if cfg.train.resume == "auto" and not resume:
         log.print(f"--resume auto: no complete checkpoint in {run_dir / 'checkpoints'}, so this run starts fresh")
-    torn = [path.name for path in checkpoint.torn_dirs(run_dir / "checkpoints")]
-    if cfg.train.resume == "auto" and torn:
+    torn = [path.name for path in checkpoint.torn_dirs(run_dir / "checkpoints")] if cfg.train.resume == "auto" else []
+    if torn:
         log.print(f"--resume auto: skipped torn checkpoints (a save that did not finish: no valid "
                   f"{checkpoint.COMPLETE_FILE}): {', '.join(torn)}" + (f"; resuming from {resume.name}" if resume
                                                                          else ""))

@@ -25,6 +25,7 @@ import yaml
 
 from .atomic import atomic_dir, atomic_write_text
 from .config import Config, save_config
+from .model import is_prompt_learning
 
 STATE_FILE = "trainer_state.pt"
 # written last into a checkpoint, with every other file's size: without it (or with a size that differs) the
@@ -94,7 +95,7 @@ def save_checkpoint(root: Path, step: int, model, config: Config, state: dict,
     final = root / f"{PREFIX}{step:06d}"
     with atomic_dir(final) as temporary:  # `.step-000050.tmp`, which checkpoint_dirs never matches
         model.save_pretrained(temporary, state_dict=adapter_weights)  # PEFT: adapter weights and config only
-        if _prompt_learning(model):
+        if is_prompt_learning(model):
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in model.prompt_encoder.state_dict().items()},
@@ -211,7 +212,7 @@ def load_adapter(model, path: Path) -> None:
     if not hasattr(model, "peft_config"):
         _load_whole(model, path)
         return
-    if _prompt_learning(model):
+    if is_prompt_learning(model):
         model.prompt_encoder.load_state_dict(load_file(path / PROMPT_ENCODER_FILE), strict=True)
         return
     from peft import set_peft_model_state_dict
@@ -220,11 +221,6 @@ def load_adapter(model, path: Path) -> None:
     if result.unexpected_keys:
         raise ValueError(f"{path}: adapter does not match the model ({len(result.unexpected_keys)} unexpected keys, "
                          f"e.g. {result.unexpected_keys[0]}); was it trained with another peft or lora config?")
-
-
-def _prompt_learning(model) -> bool:
-    config = getattr(model, "active_peft_config", None)
-    return config is not None and config.is_prompt_learning
 
 
 def _load_whole(model, path: Path) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
-import transformers
 from packaging.version import Version
 
 from .config import ConfigError, LoraConfig, ModelConfig, PeftConfig
@@ -15,7 +15,7 @@ from .precision import DTYPES, choose
 
 # the keyword a model's forward takes its key/value cache by: transformers 5.24 renamed past_key_values to cache
 # and removes the old name in 5.40; setup.cfg allows releases on both sides of the rename
-CACHE_KEYWORD = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+CACHE_KEYWORD = "cache" if Version(version("transformers")) >= Version("5.24") else "past_key_values"
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU builds log a 4-bit kernel warning at import
 
@@ -138,6 +138,12 @@ def trainable_parameters(model) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
 
+def is_prompt_learning(model) -> bool:
+    """Whether `model` is a PeftModel whose adapter is prompt, P- or prefix tuning (virtual tokens, no weights)."""
+    config = getattr(model, "active_peft_config", None)
+    return config is not None and config.is_prompt_learning
+
+
 class VirtualTokens:
     """The trained tokens a prompt-learning adapter (prompt, P- or prefix tuning) puts before every sequence, fed
     as PEFT's own forward feeds them, for the code that runs the decoder directly (the target-only loss, the
@@ -154,8 +160,7 @@ class VirtualTokens:
     @classmethod
     def of(cls, model) -> VirtualTokens | None:
         """For a PeftModel with a prompt-learning adapter; None for any other model."""
-        config = getattr(model, "active_peft_config", None)
-        return cls(model) if config is not None and config.is_prompt_learning else None
+        return cls(model) if is_prompt_learning(model) else None
 
     @property
     def base(self):

@@ -100,3 +100,27 @@ def fresh_accelerator():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def metrics(run_dir) -> list[dict]:
+    """A run's metrics.jsonl, a dict per line."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(checkpoint) -> dict:
+    """The adapter weights a checkpoint directory holds."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(checkpoint) / "adapter_model.safetensors")
+
+
+def torchrun(*args: str, timeout: int = 600):
+    """A script on 2 CPU processes (gloo, one thread each) from the project's root; it must succeed."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from poetry.parallel import collective_failed, lost_peer_message
 
-from conftest import ROOT
+from conftest import ROOT, adapter, metrics, torchrun
 
 STEPS = 4
 # lr 2e-4, the default, not tiny.yaml's 3e-3: Adam divides each gradient by its own size, so where one cancels to
@@ -93,25 +92,18 @@ def runs(tiny_model_dir, few_poems, tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     script = root / "rank.py"
     script.write_text(RANK_SCRIPT.format(root=str(ROOT), out=str(root), config=str(ROOT / "configs" / "tiny.yaml")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), *train_args(tiny_model_dir, few_poems, root / "two", 2)],
-                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert two.returncode == 0, two.stderr[-3000:]
+    torchrun(str(script), *train_args(tiny_model_dir, few_poems, root / "two", 2))
     one = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
                           *train_args(tiny_model_dir, few_poems, root / "one", 4)],
-                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+                         cwd=ROOT)
     assert one.returncode == 0, one.stderr[-3000:]
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
     return root, ranks, one
 
 
 def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "checkpoints" / f"step-{STEPS:06d}" / "adapter_model.safetensors")
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return adapter(run_dir / "checkpoints" / f"step-{STEPS:06d}")
 
 
 def test_two_processes_of_batch_b_train_what_one_process_of_batch_2b_trains(runs):

@@ -1,28 +1,15 @@
 """FSDP2 on CPU (gloo), 2 processes: the sharded run learns what the DDP run learns, saves an ordinary PEFT adapter
 and resumes exactly. Accelerate ignores FSDP on CPU, so these runs ask for it with train.fsdp=true."""
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, adapter, metrics, torchrun
 
 STEPS = 4
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """A script on 2 CPU processes; it must succeed."""
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             *args], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def train_tiny(tiny_model_dir, few_poems, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -46,11 +33,7 @@ def runs(tiny_model_dir, few_poems, tmp_path_factory):
 
 
 def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "checkpoints" / f"step-{STEPS:06d}" / "adapter_model.safetensors")
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return adapter(run_dir / "checkpoints" / f"step-{STEPS:06d}")
 
 
 def test_fsdp_learns_what_ddp_learns(runs):

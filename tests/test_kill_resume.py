@@ -2,18 +2,16 @@
 during a save), resume each with train.resume=auto, and get the uninterrupted run's final adapter bit for bit, with
 every step once in metrics.jsonl. The kill comes from inside the process (a patched function sends SIGKILL to its
 own pid at the chosen moment), so the points are exact and nothing gets to clean up: no exception, no finally."""
-import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from poetry import checkpoint
 
-from conftest import ROOT
+from conftest import ROOT, adapter, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +65,7 @@ def run(run_dir, few_poems, tiny_model_dir, *extra, kill=None) -> subprocess.Com
 
 
 def final_adapter(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "checkpoints" / f"step-{STEPS:06d}" / "adapter_model.safetensors")
+    return adapter(run_dir / "checkpoints" / f"step-{STEPS:06d}")
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +87,10 @@ def test_a_run_killed_anywhere_resumes_to_the_same_adapter_with_each_step_logged
     resumed = run(tmp_path, few_poems, tiny_model_dir, "train.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(tmp_path)
     assert [r["step"] for r in records if "train/loss" in r] == list(range(1, STEPS + 1))
     assert [r["step"] for r in records if "val/loss" in r] == [3, 6, 8]
-    expected = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    expected = metrics(straight)
     losses, expected_losses = ({r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
                                for lines in (records, expected))
     first_differing = next((step for step in expected_losses if losses[step] != expected_losses[step]), None)

@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from poetry import checkpoint
 from poetry.config import ConfigError, load_config
 from poetry.data import check_submission, load_answers, load_questions
 
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, adapter
 
 sys.path.insert(0, str(ROOT))
 from test_infer import infer  # noqa: E402
@@ -39,10 +38,6 @@ def poison_gradients(monkeypatch, poisoned) -> None:
         return model
 
     monkeypatch.setattr(train_script, "add_adapter", add_adapter)
-
-
-def adapter(path):
-    return load_file(path / "adapter_model.safetensors")
 
 
 def test_a_nonfinite_step_in_fp32_is_skipped_counted_and_leaves_the_weights(tiny_model_dir, few_poems, tmp_path,

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from poetry.config import load_config
 
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, adapter, metrics
 
 sys.path.insert(0, str(ROOT))
 import train as train_script  # noqa: E402
@@ -32,14 +31,6 @@ def config(tiny_model_dir, data, run_dir, *overrides):
         f"model.path={tiny_model_dir}", f"data.train={data}", f"log.dir={run_dir}", "eval.decode=false",
         "log.curves=false", "data.max_items=1", "train.micro_batch_size=2", "train.precision=fp32",
         "eval.at_start=false", *overrides])
-
-
-def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter(path) -> dict[str, torch.Tensor]:
-    return load_file(Path(path) / "adapter_model.safetensors")
 
 
 def test_tiny_overfit_drives_loss_down(tiny_model_dir, few_poems, tmp_path):
