@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
                              "checkpoint's dtype. Without it BERTScore is off and the total incomplete")
     parser.add_argument("--bertscore-layer", type=int, default=8,
                         help="layer whose embeddings are compared (default: %(default)s)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where BERTScore's model runs; auto: the GPU when there is one (default: %(default)s)")
     parser.add_argument("--report", help="write aggregates and per-item scores to this JSON file")
     return parser
 
@@ -47,13 +49,14 @@ from rich.table import Table  # noqa: E402
 
 from poetry.data import DataError, check_submission, load_answers  # noqa: E402
 from poetry.metrics import ROUGE_TYPES, BertScore, MetricUnavailable, Scores, score_answers  # noqa: E402
+from poetry.precision import default_device  # noqa: E402
 
 
-def _bertscore(model_dir: str | None, layer: int) -> tuple[BertScore | None, str]:
+def _bertscore(model_dir: str | None, layer: int, device: str) -> tuple[BertScore | None, str]:
     if model_dir is None:
         return None, "no --bertscore-model given"
     try:
-        return BertScore(model_dir, layer), ""
+        return BertScore(model_dir, layer, default_device() if device == "auto" else device), ""
     except MetricUnavailable as err:
         return None, str(err)
 
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
-    scorer, off_reason = _bertscore(args.bertscore_model, args.bertscore_layer)
+    scorer, off_reason = _bertscore(args.bertscore_model, args.bertscore_layer, args.device)
     runs = {label: score_answers(gold, pred, scorer, off_reason) for label, pred in predictions.items()}
 
     console = Console()

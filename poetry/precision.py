@@ -1,7 +1,7 @@
 """Which float format a run computes in (`train.precision`) and stores its frozen weights in (`model.dtype`), fitted
 to the hardware when the config says `auto`.
 
-- CUDA: bf16 where the card supports it, else fp16 (with the GradScaler).
+- CUDA: bf16 where the card computes it natively (Ampere and later), else fp16 (with the GradScaler).
 - CPU: bf16 only where the CPU has native bf16 instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16), else fp32.
   Without them PyTorch falls back to slow kernels: on an AMD EPYC with AVX2 only, one LoRA forward+backward of the
   tiny Qwen3 took 1.4 s in fp32 and 25-34 s under bf16 autocast; with AVX512-BF16, bf16 ran ~1.7x faster than fp32.
@@ -12,6 +12,7 @@ where bf16 is emulated. An explicit `bf16` on a CPU without it still runs, with 
 """
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,6 +33,18 @@ class Choice:
 
 def default_device(force_cpu: bool = False) -> str:
     return "cuda" if torch.cuda.is_available() and not force_cpu else "cpu"
+
+
+def cuda_native_bf16() -> bool:
+    """Whether this process's GPU computes bf16 in hardware (compute capability 8.0, Ampere, or later; any ROCm card).
+
+    Not `torch.cuda.is_bf16_supported()`: by default it also says yes for a V100 or T4, which can hold a bf16 tensor
+    but emulates its arithmetic, where fp16 with the GradScaler is the fast choice; and it asks the current device,
+    which before Accelerate has placed each rank is GPU 0 on every rank. This asks the rank's own card
+    (LOCAL_RANK, as launchers set it) and makes no tensor, so no CUDA context lands on another rank's GPU."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).major >= 8
 
 
 def cpuinfo_field(names: tuple[str, ...], cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
@@ -75,7 +88,7 @@ def choose(requested: str, device: str, what: str = "precision") -> Choice:
             return Choice("bf16" if requested == "auto" else requested,
                           "auto: bf16, as on any card since Ampere (no GPU here to ask)" if requested == "auto"
                           else "as configured")
-        bf16_ok = torch.cuda.is_bf16_supported()
+        bf16_ok = cuda_native_bf16()
         if requested == "auto":
             return Choice("bf16", "auto: this GPU supports bf16") if bf16_ok else \
                 Choice("fp16", "auto: this GPU has no bf16")

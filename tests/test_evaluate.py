@@ -3,6 +3,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 from test_metrics import build_tiny_bert
 
 from conftest import ROOT
@@ -69,6 +70,26 @@ def test_bertscore_model_gives_a_complete_total(tmp_path, gold, capsys):
     assert report["incomplete"] is False and report["bertscore_words"] == pytest.approx(1.0, abs=1e-5)
     assert report["total"] == pytest.approx(0.5 + 0.5 * (report["bleu_words"] + report["bleu_sents"] + 2) / 4,
                                             abs=1e-5)
+
+
+@pytest.mark.parametrize("flag, cuda, expected", [
+    ([], True, "cuda"), ([], False, "cpu"), (["--device", "cpu"], True, "cpu"), (["--device", "cuda"], False, "cuda"),
+])
+def test_bertscore_runs_on_the_gpu_when_there_is_one(tmp_path, gold, capsys, monkeypatch, flag, cuda, expected):
+    """BERTScore used to be built on the CPU whatever the machine; --device auto takes the GPU when there is one."""
+    built_on = []
+
+    class Spy:
+        def __init__(self, model_dir, layer, device):
+            built_on.append(device)
+
+        def f1(self, candidates, references):
+            return [1.0] * len(candidates)
+
+    monkeypatch.setattr(evaluate, "BertScore", Spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    code, _ = run(capsys, "--pred", gold, "--gold", gold, "--bertscore-model", tmp_path, *flag)
+    assert code == 0 and built_on == [expected]
 
 
 def test_unloadable_bertscore_model_is_a_note_not_a_failure(tmp_path, gold, capsys):

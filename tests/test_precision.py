@@ -1,4 +1,6 @@
 """`auto` precision and dtype fitted to the hardware; each CPU kind simulated, so these hold on any machine."""
+from types import SimpleNamespace
+
 import pytest
 import yaml
 
@@ -69,12 +71,40 @@ def test_explicit_slow_choices_run_with_a_warning(cpu):
     assert not precision.choose("bf16", "cpu").warning
 
 
-@pytest.mark.parametrize("bf16_supported, expected", [(True, "bf16"), (False, "fp16")])
-def test_auto_on_cuda_prefers_bf16_else_fp16(monkeypatch, bf16_supported, expected):
-    monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(precision.torch.cuda, "is_bf16_supported", lambda: bf16_supported)
-    assert precision.choose("auto", "cuda").value == expected
-    assert bool(precision.choose("bf16", "cuda").warning) is not bf16_supported
+@pytest.fixture
+def gpu(monkeypatch):
+    """Pretend to be a rank of a machine whose GPUs have the given compute capability major; records which GPUs were
+    asked. A card that can merely hold a bf16 tensor (torch's emulation probe) says so, as a V100 or T4 does."""
+    asked = []
+
+    def pretend(major: int, local_rank: int = 0) -> list[int]:
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        monkeypatch.setattr(precision.torch.version, "hip", None)
+        monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(precision.torch.cuda, "current_device", lambda: 0)  # before Accelerate: GPU 0 everywhere
+        monkeypatch.setattr(precision.torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+        monkeypatch.setattr(precision.torch.cuda, "get_device_properties",
+                            lambda device: asked.append(device) or SimpleNamespace(major=major))
+        return asked
+
+    return pretend
+
+
+@pytest.mark.parametrize("card, major, expected", [("V100", 7, "fp16"), ("T4", 7, "fp16"), ("A100", 8, "bf16"),
+                                                   ("H100", 9, "bf16")])
+def test_auto_on_cuda_takes_bf16_only_where_the_card_computes_it(gpu, card, major, expected):
+    """torch.cuda.is_bf16_supported() says True on a V100 or T4 (emulated bf16); those must get fp16 + GradScaler."""
+    gpu(major)
+    assert precision.choose("auto", "cuda").value == expected, card
+    assert bool(precision.choose("bf16", "cuda").warning) is (expected == "fp16")
+
+
+def test_the_cuda_probe_asks_the_ranks_own_gpu(gpu):
+    """Before Accelerate places each rank, the current device is GPU 0 on every rank: asking it would put a CUDA
+    context of every rank on GPU 0."""
+    asked = gpu(8, local_rank=3)
+    precision.choose("auto", "cuda")
+    assert asked == [3]
 
 
 def test_load_config_fits_auto_and_says_why(cpu):
