@@ -37,6 +37,20 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return optimizers[cfg.optimizer](groups, **kwargs)
 
 
+def repage_state(optimizer: torch.optim.Optimizer) -> None:
+    """Put a paged optimizer's loaded state back into paged buffers. bitsandbytes' load_state_dict moves `state1`
+    and `state2` with `.to(param.device)`, which makes them ordinary GPU tensors: after a resume the state would
+    stay in GPU memory, which paging exists to relieve. Each is copied into the buffer the optimizer itself would
+    allocate for it (`get_state_buffer`: paged on a GPU from 1e5 elements up, plain on the CPU)."""
+    if not getattr(optimizer, "is_paged", False):
+        return
+    for param_state in optimizer.state.values():
+        for key in ("state1", "state2"):
+            loaded = param_state.get(key)
+            if isinstance(loaded, torch.Tensor) and not getattr(loaded, "is_paged", False):
+                param_state[key] = optimizer.get_state_buffer(loaded, dtype=loaded.dtype).copy_(loaded)
+
+
 def lr_lambda(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine or linear decay to min_ratio at `total` (held there after).
 

@@ -10,7 +10,7 @@ from poetry.config import LoraConfig, ModelConfig, TrainConfig, load_config
 from poetry.loss import TargetOnlyLoss, full_logits_loss
 from poetry.memory import Shape, estimate
 from poetry.model import add_lora, load_model, trainable_parameters
-from poetry.optim import build_optimizer, build_scheduler, lr_lambda, parameter_groups
+from poetry.optim import build_optimizer, build_scheduler, lr_lambda, parameter_groups, repage_state
 from poetry.prompt import IGNORE_INDEX
 
 
@@ -115,6 +115,57 @@ def test_optimizers_step_on_cpu(name):
     model(torch.randn(2, 128)).sum().backward()
     optimizer.step()
     assert not torch.equal(before, model.weight)
+
+
+def paged_like_gpu(optimizer, monkeypatch) -> None:
+    """Make `optimizer` allocate state as on a GPU, where bitsandbytes pages every buffer of 1e5+ elements: on the CPU
+    it never pages, so the paged kind is marked as bitsandbytes marks it, `is_paged` on the tensor."""
+    def get_state_buffer(p, dtype=torch.float32):
+        buffer = torch.zeros_like(p, dtype=dtype)
+        buffer.is_paged = p.numel() >= 1e5
+        return buffer
+
+    monkeypatch.setattr(optimizer, "get_state_buffer", get_state_buffer)
+
+
+def paged_kinds(optimizer, key: str) -> list[bool]:
+    return [getattr(state[key], "is_paged", False) for state in optimizer.state.values()]
+
+
+@pytest.mark.parametrize("name", ["paged_adamw_8bit", "paged_adamw"])
+def test_a_paged_optimizer_stays_paged_after_a_resume(name, monkeypatch):
+    """bitsandbytes' load_state_dict moves state1/state2 with .to(device): on a GPU, ordinary tensors, no longer
+    paged (on the CPU .to is a no-op, so the test makes them ordinary as the GPU would)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.Linear(256, 8))  # 131k weights: paged; 2k: not
+    optimizer = build_optimizer(model, TrainConfig(optimizer=name, lr=1e-2))
+    model(torch.randn(2, 512)).sum().backward()
+    optimizer.step()
+    for param, state in optimizer.state.items():  # as the GPU would have allocated them (a paged step needs CUDA)
+        state["state1"].is_paged = state["state2"].is_paged = param.numel() >= 1e5
+    kinds = {key: paged_kinds(optimizer, key) for key in ("state1", "state2")}
+    assert kinds["state1"] == [True, False, False, False]  # the large weight's state only
+
+    resumed = build_optimizer(model, TrainConfig(optimizer=name, lr=1e-2))
+    paged_like_gpu(resumed, monkeypatch)
+    resumed.load_state_dict(optimizer.state_dict())
+    for state in resumed.state.values():  # on a GPU the loader's .to(device) returns new, ordinary tensors
+        state["state1"], state["state2"] = state["state1"].clone(), state["state2"].clone()
+    repage_state(resumed)
+    assert {key: paged_kinds(resumed, key) for key in kinds} == kinds
+    for before, after in zip(optimizer.state.values(), resumed.state.values(), strict=True):
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before
+                                                     if isinstance(before[k], torch.Tensor))
+
+
+def test_repaging_leaves_other_optimizers_alone():
+    model = torch.nn.Linear(512, 256)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw_8bit", lr=1e-2))
+    model(torch.randn(2, 512)).sum().backward()
+    optimizer.step()
+    state1 = optimizer.state[model.weight]["state1"]
+    repage_state(optimizer)
+    assert optimizer.state[model.weight]["state1"] is state1
 
 
 def test_schedule_warmup_then_decay_to_floor():
