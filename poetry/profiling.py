@@ -44,18 +44,27 @@ class MemoryMonitor:
 
 
 class CudaSnapshot:
-    """Records allocator history from start() to stop() and dumps it for https://pytorch.org/memory_viz."""
+    """Records the CUDA allocator's history while entered, or until stop(), and dumps it for
+    https://pytorch.org/memory_viz: one file per rank, since the ranks share the run directory and each dump is a
+    plain open-and-pickle. Leaving the block dumps whatever ended it, an out-of-memory error included."""
 
-    def __init__(self, path, enabled: bool):
-        self.path = path
+    def __init__(self, run_dir: Path, rank: int, enabled: bool):
+        self.path = Path(run_dir) / f"memory_snapshot.rank{rank}.pickle"
         self.active = enabled and torch.cuda.is_available()
 
-    def start(self) -> None:
+    def __enter__(self) -> CudaSnapshot:
         if self.active:
             torch.cuda.memory._record_memory_history(max_entries=200_000)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
     def stop(self) -> None:
-        if self.active:
+        if not self.active:
+            return
+        self.active = False
+        try:
             torch.cuda.memory._dump_snapshot(str(self.path))
+        finally:
             torch.cuda.memory._record_memory_history(enabled=None)
-            self.active = False
