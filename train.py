@@ -41,7 +41,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from accelerate import Accelerator, PartialState  # noqa: E402
-from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
+from accelerate.utils import broadcast_object_list, gather_object, set_seed  # noqa: E402
 
 from poetry import checkpoint, feed, memory, optim, profiling, runlog  # noqa: E402
 from poetry.builtin import resolve_model_path  # noqa: E402
@@ -76,7 +76,8 @@ class TrainState:
     micro_step: int = 0  # forward/backward passes done
     epoch: int = 0  # the epoch the sampler is in
     skipped: int = 0  # optimizer steps skipped for inf/NaN gradients (by the fp16 scaler, or by the check in bf16/fp32)
-    nonfinite_streak: int = 0  # of those, how many in a row up to this step
+    nonfinite_streak: int = 0  # of those, how many in a row up to this step (fp16: once the scale is calibrated)
+    scale_calibrated: bool = False  # fp16: a step has gone through, so the scale no longer falls from its start
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -238,13 +239,27 @@ def restore(run: Run, path: Path) -> None:
     """Optimizer, scheduler, scaler, sampler, RNG and counters exactly where they were (the adapter is loaded)."""
     saved = checkpoint.load_state(path)
     run.parallel.load_optimizer_state_dict(run.loss_model, run.optimizer, saved["optimizer"])
+    optim.repage_state(run.optimizer)  # bitsandbytes' loader moves a paged optimizer's state into device memory
     run.scheduler.load_state_dict(saved["scheduler"])
-    run.scaler.load_state_dict(saved["scaler"])
     run.sampler.load_state_dict(saved["sampler"])
     run.state.load_state_dict(saved["train_state"])
-    checkpoint.set_rng_state(saved["rng"])
+    restore_scaler(run, saved["scaler"])
+    if not checkpoint.set_rng_state(saved["rng"], run.accelerator.process_index):
+        run.log.print(f"note: {path} holds the random generators of fewer processes than this run's "
+                      f"{run.accelerator.num_processes}; rank {run.accelerator.process_index} keeps its seeded ones")
     run.log.print(f"resumed from {path} at optimizer step {run.state.step} (epoch {run.state.epoch}, "
                   f"micro-step {run.state.micro_step})")
+
+
+def restore_scaler(run: Run, saved: dict) -> None:
+    """The fp16 loss scaler's state; a checkpoint saved in bf16 or fp32 has none (a disabled scaler saves {}), so a
+    resume that turns fp16 on starts the scaler fresh, and says so."""
+    if saved or not run.scaler.is_enabled():
+        run.scaler.load_state_dict(saved)
+        return
+    run.state.scale_calibrated = False
+    run.log.print(f"note: the checkpoint was saved without fp16's loss scaler (another train.precision); it starts "
+                  f"fresh at scale {run.scaler.get_scale():g}")
 
 
 # --- the loop ------------------------------------------------------------------------------------------------------
@@ -268,70 +283,71 @@ def accumulation_windows(run: Run):
 
 def fit(run: Run) -> None:
     cfg, state = run.cfg, run.state
-    snapshot = profiling.CudaSnapshot(run.log.dir / "memory_snapshot.pickle", cfg.train.profile_memory)
-    snapshot.start()
     first_step = state.step
     run.log.start_progress(run.total_steps, state.step)
     if cfg.eval.at_start and state.step == 0:
         evaluate(run)
-    run.log.start_clock()  # the ETA's pace: training steps, not the one-off evaluation before them
-    run.loss_model.train()
-    windows = accumulation_windows(run)
-    while state.step < run.total_steps:
-        started = time.time()
-        dataset, window = next(windows)
-        batches = [{k: v.to(run.accelerator.device) for k, v in run.collate(dataset[indices]).items()}
-                   for indices in window]
-        # normalise by the target tokens of the whole optimizer step on all ranks: a micro-batch with 3 answer
-        # tokens must not weigh as much as one with 300 (a mean of micro-batch means would)
-        counts = torch.tensor([[feed.target_tokens(b), int(b["attention_mask"].sum()), b["input_ids"].numel()]
-                               for b in batches], device=run.accelerator.device, dtype=torch.float64).sum(0)
-        step_targets, tokens, padded_tokens = run.accelerator.reduce(counts).tolist()
-        loss_total = torch.zeros((), device=run.accelerator.device)
-        for i, batch in enumerate(batches):
-            with run.parallel.gradient_sync(run.loss_model, sync=i == len(batches) - 1):  # once per step
-                with run.monitor.phase("forward"), autocast(cfg.train.precision, run.accelerator.device.type):
-                    loss_sum, _ = run.loss_model(**batch)
-                with run.monitor.phase("backward"):
-                    # DDP and FSDP average gradients over ranks, so each rank's share is scaled back up
-                    run.scaler.scale(loss_sum * run.accelerator.num_processes / step_targets).backward()
-            loss_total += loss_sum.detach()
-            state.micro_step += 1
-        grad_norm = optimizer_step(run)
-        state.step += 1
+    # recorded from the first training step, after the one-off evaluation; dumped however the steps end, so an OOM
+    # in the first steps, when a snapshot is wanted most, still leaves one
+    with profiling.CudaSnapshot(run.log.dir, run.accelerator.process_index, cfg.train.profile_memory) as snapshot:
+        run.log.start_clock()  # the ETA's pace: training steps, not the one-off evaluation before them
+        run.loss_model.train()
+        windows = accumulation_windows(run)
+        while state.step < run.total_steps:
+            started = time.time()
+            dataset, window = next(windows)
+            batches = [{k: v.to(run.accelerator.device) for k, v in run.collate(dataset[indices]).items()}
+                       for indices in window]
+            # normalise by the target tokens of the whole optimizer step on all ranks: a micro-batch with 3 answer
+            # tokens must not weigh as much as one with 300 (a mean of micro-batch means would)
+            counts = torch.tensor([[feed.target_tokens(b), int(b["attention_mask"].sum()), b["input_ids"].numel()]
+                                   for b in batches], device=run.accelerator.device, dtype=torch.float64).sum(0)
+            step_targets, tokens, padded_tokens = run.accelerator.reduce(counts).tolist()
+            loss_total = torch.zeros((), device=run.accelerator.device)
+            for i, batch in enumerate(batches):
+                with run.parallel.gradient_sync(run.loss_model, sync=i == len(batches) - 1):  # once per step
+                    with run.monitor.phase("forward"), autocast(cfg.train.precision, run.accelerator.device.type):
+                        loss_sum, _ = run.loss_model(**batch)
+                    with run.monitor.phase("backward"):
+                        # DDP and FSDP average gradients over ranks, so each rank's share is scaled back up
+                        run.scaler.scale(loss_sum * run.accelerator.num_processes / step_targets).backward()
+                loss_total += loss_sum.detach()
+                state.micro_step += 1
+            grad_norm = optimizer_step(run)
+            state.step += 1
 
-        elapsed = time.time() - started
-        run.pace.train_s, run.pace.steps = run.pace.train_s + elapsed, run.pace.steps + 1
-        run.pace.tokens, run.pace.padded_tokens = run.pace.tokens + tokens, run.pace.padded_tokens + padded_tokens
-        run.log.record(state.step, {
-            "train/loss": (run.accelerator.reduce(loss_total) / step_targets).item(),
-            "train/lr": run.scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
-            "train/loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else 1.0,
-            "train/skipped_steps": state.skipped, "train/epoch": state.epoch, "train/micro_step": state.micro_step,
-            "train/tokens_per_s": tokens / elapsed, "train/target_tokens_per_s": step_targets / elapsed,
-            "train/padding_efficiency": tokens / padded_tokens, **run.monitor.summary(),
-        }, echo=state.step % cfg.log.every == 0 or state.step == 1)
-        if state.step == first_step + SNAPSHOT_STEPS:
-            snapshot.stop()
+            elapsed = time.time() - started
+            run.pace.train_s, run.pace.steps = run.pace.train_s + elapsed, run.pace.steps + 1
+            run.pace.tokens, run.pace.padded_tokens = run.pace.tokens + tokens, run.pace.padded_tokens + padded_tokens
+            run.log.record(state.step, {
+                "train/loss": (run.accelerator.reduce(loss_total) / step_targets).item(),
+                "train/lr": run.scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
+                "train/loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else 1.0,
+                "train/skipped_steps": state.skipped, "train/epoch": state.epoch, "train/micro_step": state.micro_step,
+                "train/tokens_per_s": tokens / elapsed, "train/target_tokens_per_s": step_targets / elapsed,
+                "train/padding_efficiency": tokens / padded_tokens, **run.monitor.summary(),
+            }, echo=state.step % cfg.log.every == 0 or state.step == 1)
+            if state.step == first_step + SNAPSHOT_STEPS:
+                snapshot.stop()
 
-        last = state.step == run.total_steps
-        is_best = False
-        if last or (cfg.eval.every and state.step % cfg.eval.every == 0):
-            is_best = evaluate(run)
-            run.loss_model.train()
-        diverged = state.nonfinite_streak >= cfg.train.max_nonfinite_steps
-        if last or is_best or diverged or state.step % run.save_every == 0:
-            save(run)
-        if diverged:  # saved first: the weights are those of the last finite step
-            raise Diverged(divergence(run, window))
-    snapshot.stop()
+            last = state.step == run.total_steps
+            is_best = False
+            if last or (cfg.eval.every and state.step % cfg.eval.every == 0):
+                is_best = evaluate(run)
+                run.loss_model.train()
+            diverged = state.nonfinite_streak >= cfg.train.max_nonfinite_steps
+            if last or is_best or diverged or state.step % run.save_every == 0:
+                save(run)
+            if diverged:  # saved first: the weights are those of the last finite step
+                raise Diverged(divergence(run, window))
     report(run)
 
 
 def optimizer_step(run: Run) -> torch.Tensor:
     """Unscale, clip, step, schedule; returns the gradient norm before clipping. A step with inf/NaN gradients is
     skipped, its gradients dropped and the weights left as they were: by the scaler in fp16, here otherwise (an
-    optimizer would write NaN into every weight). Skipped steps are counted, and so is the streak of them."""
+    optimizer would write NaN into every weight). Skipped steps are counted, and so is the streak of them that
+    train.max_nonfinite_steps bounds."""
     with run.monitor.phase("optimizer"):
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = run.parallel.clip_grad_norm(run.trainable, run.cfg.train.max_grad_norm or math.inf)
@@ -345,13 +361,22 @@ def optimizer_step(run: Run) -> torch.Tensor:
             if not skipped:
                 run.optimizer.step()
         run.state.skipped += int(skipped)
-        run.state.nonfinite_streak = run.state.nonfinite_streak + 1 if skipped else 0
+        run.state.nonfinite_streak = run.state.nonfinite_streak + 1 if skipped and diverging(run, scale) else 0
+        run.state.scale_calibrated |= run.scaler.is_enabled() and not skipped
         run.scheduler.step()  # the schedule follows optimizer steps, taken or skipped
         run.optimizer.zero_grad(set_to_none=True)
     if skipped and not run.scaler.is_enabled():
         run.log.print(f"warning: step {run.state.step + 1}: gradient norm {grad_norm.item()}; the step is skipped "
                       f"and the weights are unchanged ({run.state.nonfinite_streak} in a row)")
     return grad_norm
+
+
+def diverging(run: Run, scale: float) -> bool:
+    """Whether a skipped step counts toward train.max_nonfinite_steps. In fp16 the scaler starts at 2^16 and halves
+    once per overflow: until a step goes through, overflows calibrate the scale and are no sign of divergence,
+    unless the scale (`scale`, before the step) no longer inflates the gradients at all (<= 1), or the run is
+    bf16/fp32, where nothing is scaled."""
+    return not run.scaler.is_enabled() or run.state.scale_calibrated or scale <= 1
 
 
 class Diverged(RuntimeError):
@@ -399,12 +424,13 @@ def save(run: Run) -> None:
     beyond train.keep_last are pruned."""
     adapter = run.parallel.adapter_state_dict(run.model)  # collectives under FSDP: every rank takes part
     optimizer_state = run.parallel.optimizer_state_dict(run.loss_model, run.optimizer)
+    rng_states = gather_object([checkpoint.rng_state()])  # each rank's own: dropout masks differ by rank
     if run.accelerator.is_main_process:
         whole = run.cfg.peft.method == "full"  # a whole model: with its tokenizer, loadable as infer.py --model
         checkpoint.save_checkpoint(run.checkpoints, run.state.step, run.model, run.cfg, {
             "optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
             "sampler": run.sampler.state_dict(), "train_state": run.state.state_dict()}, adapter,
-            run.data.fmt.tokenizer if whole else None)
+            run.data.fmt.tokenizer if whole else None, rng_states)
         if run.new_best and run.new_best[0] == run.state.step:
             checkpoint.record_best(run.checkpoints, *run.new_best)
         checkpoint.prune(run.checkpoints, run.cfg.train.keep_last)

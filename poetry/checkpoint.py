@@ -5,7 +5,7 @@ A checkpoint directory `checkpoints/step-000050/` holds:
   and a LoRA by vLLM) — the frozen base is never copied (Accelerate's save_state would write all of it); with
   peft.method=full, the whole model instead (config.json, model.safetensors, the tokenizer: a model directory);
 - prompt_encoder.safetensors, for prompt, P- and prefix tuning: the whole trained module, which resume loads;
-- trainer_state.pt: optimizer, scheduler, scaler and sampler states, RNG states, counters;
+- trainer_state.pt: optimizer, scheduler, scaler and sampler states, every rank's RNG states, counters;
 - config.yaml: the run's config snapshot.
 It is written under a temporary name and renamed when complete, so a crash never leaves a half checkpoint that
 `--resume auto` would pick; `complete.json`, written last, lists every file's size, and a directory without it (or
@@ -42,6 +42,7 @@ BOOKKEEPING_KEYS = {"train.resume", "train.save_every", "train.keep_last", "trai
 
 
 def rng_state() -> dict:
+    """This process's generators: Python's, numpy's, torch's CPU one and its CUDA ones."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              # numpy's tuple is unpacked into tensors and numbers so that weights_only=True can load it
@@ -52,13 +53,21 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(states: list[dict] | dict, rank: int) -> bool:
+    """Restore rank `rank`'s own generators from a checkpoint's states, one per rank: each rank draws its own dropout
+    masks, and rank 0's state on every rank would restart the others' streams. False when the checkpoint holds no
+    state for this rank (saved by fewer processes): its generators stay as seeded."""
+    states = [states] if isinstance(states, dict) else states  # a checkpoint of before per-rank states: rank 0's
+    if rank >= len(states):
+        return False
+    state = states[rank]
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    return True
 
 
 def _named(root: Path) -> list[Path]:
@@ -88,10 +97,11 @@ def torn_dirs(root: Path) -> list[Path]:
 
 
 def save_checkpoint(root: Path, step: int, model, config: Config, state: dict,
-                    adapter_weights: dict | None = None, tokenizer=None) -> Path:
+                    adapter_weights: dict | None = None, tokenizer=None, rng_states: list[dict] | None = None) -> Path:
     """Write atomically; `state` holds optimizer/scheduler/scaler/sampler state dicts and counters;
     `adapter_weights` replaces the model's own (sharded) ones when given; `tokenizer` is saved beside a whole
-    model's weights, so that the checkpoint is a model directory."""
+    model's weights, so that the checkpoint is a model directory; `rng_states` holds every rank's generators, rank
+    by rank (default: this process's alone)."""
     final = root / f"{PREFIX}{step:06d}"
     with atomic_dir(final) as temporary:  # `.step-000050.tmp`, which checkpoint_dirs never matches
         model.save_pretrained(temporary, state_dict=adapter_weights)  # PEFT: adapter weights and config only
@@ -102,7 +112,7 @@ def save_checkpoint(root: Path, step: int, model, config: Config, state: dict,
                       temporary / PROMPT_ENCODER_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(temporary)
-        torch.save({**state, "rng": rng_state()}, temporary / STATE_FILE)
+        torch.save({**state, "rng": rng_states or [rng_state()]}, temporary / STATE_FILE)
         save_config(config, temporary / "config.yaml")
         _mark_complete(temporary, step)
     return final

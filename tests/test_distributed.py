@@ -137,6 +137,24 @@ def test_a_two_process_checkpoint_resumes_in_one_process_of_the_whole_batch(runs
         torch.testing.assert_close(continued[key], one[key], rtol=0, atol=1e-5)
 
 
+def test_a_two_process_resume_with_dropout_ends_where_the_straight_run_ends(tiny_model_dir, few_poems, tmp_path):
+    """Each rank draws its own dropout masks. Only rank 0's generators used to be saved, and every rank restored
+    them, so rank 1's masks after a resume were rank 0's stream and its adapter drifted from the straight run's."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+
+    def launch(run_dir: Path, *more: str) -> None:  # after COMMON, whose values these override
+        torchrun(str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+                 *train_args(tiny_model_dir, few_poems, run_dir, 2), "lora.dropout=0.1", "eval.every=0",
+                 "eval.at_start=false", "data.val_fraction=0", *more)
+
+    launch(straight)
+    launch(resumed, f"train.resume={straight / 'checkpoints' / 'step-000002'}")
+    expected, got = final_adapter(straight), final_adapter(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(got[key], expected[key]) for key in expected)
+    saved = torch.load(straight / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
+    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
+
+
 def test_each_validation_question_is_scored_once_across_ranks(runs):
     _, ranks, one = runs
     evaluations = 1 + STEPS // 2  # at the start, at step 2, at step 4

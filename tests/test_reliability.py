@@ -252,3 +252,69 @@ def test_infer_answers_odd_but_valid_questions_in_full(tiny_model_dir, tmp_path,
         assert [a.idx for a in answers] == [5, 2, 9]
         assert all(text.strip() for a in answers for text in (*a.ans_qa_words.values(), *a.ans_qa_sents.values()))
         assert list(answers[0].ans_qa_words) == ODD[0]["qa_words"]
+
+
+def stub_run(scaler_enabled: bool, max_grad_norm: float = 1.0):
+    """What optimizer_step reads of a Run, around one trained weight."""
+    from types import SimpleNamespace
+
+    from poetry.parallel import Parallel
+    from poetry.profiling import MemoryMonitor
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.SGD([weight], lr=1e-3)
+    return SimpleNamespace(
+        weight=weight, optimizer=optimizer, trainable=[weight], state=train_script.TrainState(), printed=[],
+        scaler=torch.amp.GradScaler("cpu", enabled=scaler_enabled), monitor=MemoryMonitor(torch.device("cpu")),
+        parallel=SimpleNamespace(clip_grad_norm=Parallel.clip_grad_norm),
+        cfg=SimpleNamespace(train=SimpleNamespace(max_grad_norm=max_grad_norm)),
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        log=SimpleNamespace(print=lambda line: None))
+
+
+def fp16_step(run, gradient: float) -> None:
+    """One micro-step whose fp16 backward carries `gradient` x the loss scale: inf once that passes fp16's 65504."""
+    loss = (run.weight.half() * gradient).float().sum()
+    run.scaler.scale(loss).backward()
+    train_script.optimizer_step(run)
+
+
+def test_fp16_scale_calibration_does_not_count_toward_divergence():
+    """GradScaler starts at 2^16 and halves once per overflow: a gradient of 2^8 overflows until the scale is 2^7,
+    nine skipped steps, which the old count took for divergence at train.max_nonfinite_steps=8."""
+    run = stub_run(scaler_enabled=True)
+    streaks, scales = [], []
+    for _ in range(12):
+        scales.append(run.scaler.get_scale())
+        fp16_step(run, 2.0**8)
+        streaks.append(run.state.nonfinite_streak)
+    assert scales[:10] == [2.0**k for k in range(16, 6, -1)] and run.state.skipped == 9
+    assert streaks == [0] * 12 and run.state.scale_calibrated
+    fp16_step(run, float("inf"))  # once calibrated, an overflow counts
+    assert run.state.nonfinite_streak == 1
+
+
+def test_fp16_gradients_that_no_scale_fixes_still_count_once_the_scale_reaches_1():
+    run = stub_run(scaler_enabled=True)
+    streaks = []
+    for _ in range(24):
+        fp16_step(run, float("nan"))
+        streaks.append(run.state.nonfinite_streak)
+    assert streaks == [0] * 16 + list(range(1, 9))  # 2^16 .. 2^1 calibrate; from scale 1 on, 8 in a row diverge
+    assert not run.state.scale_calibrated
+
+
+def test_a_bf16_or_fp32_checkpoint_resumes_under_fp16_with_a_fresh_scaler(tiny_model_dir, few_poems, tmp_path,
+                                                                          capsys):
+    """A disabled scaler saves {}; GradScaler.load_state_dict({}) raised 'The source state dict is empty'."""
+    common = ("train.save_every=2", "eval.every=0", "data.val_fraction=0", "train.keep_last=5")
+    train_script.train(config(tiny_model_dir, few_poems, tmp_path, "train.max_steps=2", *common))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_script.train(config(tiny_model_dir, few_poems, tmp_path, "train.max_steps=3", *common,
+                              "train.resume=auto", "train.precision=fp16", "model.dtype=fp32"))
+    printed = capsys.readouterr().out
+    assert "note: the checkpoint was saved without fp16's loss scaler (another train.precision); it starts fresh " \
+           "at scale 65536" in printed
+    assert [m["train/loss_scale"] for m in metrics(tmp_path) if "train/loss" in m][-1] in (65536.0, 32768.0)

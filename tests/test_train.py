@@ -408,34 +408,66 @@ def test_every_checkpoint_is_saved_once(tiny_model_dir, few_poems, tmp_path, mon
     assert [m["step"] for m in metrics(tmp_path) if "val/loss" in m] == [2, 4]
 
 
+@pytest.fixture
+def cuda_snapshots(monkeypatch):
+    """--profile-memory as on a GPU: CudaSnapshot enabled, torch's allocator recorder replaced by spies that log
+    (call, argument, the steps metrics.jsonl holds by then)."""
+    calls = []
+
+    def logged(name, value):
+        run_dir = getattr(logged, "run_dir", None)
+        steps = [m["step"] for m in metrics(run_dir)] if run_dir and (run_dir / "metrics.jsonl").is_file() else []
+        calls.append((name, value, steps))
+
+    class OnGpu(train_script.profiling.CudaSnapshot):
+        def __init__(self, run_dir, rank, enabled):
+            super().__init__(run_dir, rank, enabled)
+            self.active, logged.run_dir = enabled, Path(run_dir)
+
+    monkeypatch.setattr(train_script.profiling, "CudaSnapshot", OnGpu)
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
+                        lambda enabled="all", **kwargs: logged("record", enabled))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", lambda path: logged("dump", path))
+    return calls
+
+
 def test_memory_snapshot_records_the_first_steps_of_a_resumed_session(tiny_model_dir, few_poems, tmp_path,
-                                                                      monkeypatch):
+                                                                      cuda_snapshots):
     """--profile-memory records SNAPSHOT_STEPS steps from where the session starts; after a resume the old loop
     compared the global step with 3, never matched, and recorded the whole session."""
     common = ("train.max_steps=8", "train.save_every=4", "eval.every=0", "data.val_fraction=0", "train.keep_last=5")
     train_script.train(config(tiny_model_dir, few_poems, tmp_path, *common))
     shutil.rmtree(tmp_path / "checkpoints" / "step-000008")
-    stopped_after = []
-
-    class Recorder:
-        def __init__(self, path, enabled):
-            self.active = enabled
-
-        def start(self):
-            pass
-
-        def stop(self):
-            if self.active:
-                stopped_after.append(metrics(tmp_path)[-1]["step"])
-                self.active = False
-
-    monkeypatch.setattr(train_script.profiling, "CudaSnapshot", Recorder)
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     train_script.train(config(tiny_model_dir, few_poems, tmp_path, *common, "train.resume=auto",
                               "train.profile_memory=true"))
-    assert stopped_after == [4 + train_script.SNAPSHOT_STEPS]
+    dumps = [(path, steps[-1]) for call, path, steps in cuda_snapshots if call == "dump"]
+    assert dumps == [(str(tmp_path / "memory_snapshot.rank0.pickle"), 4 + train_script.SNAPSHOT_STEPS)]
+
+
+def test_memory_snapshot_starts_after_the_step_0_evaluation_and_survives_an_out_of_memory_step(
+        tiny_model_dir, few_poems, tmp_path, cuda_snapshots, monkeypatch):
+    """An OOM in the first steps is when a snapshot is wanted most: the old loop dumped only after SNAPSHOT_STEPS
+    steps, so an OOM before left nothing; it also recorded the step-0 evaluation, which is not the training's
+    memory. Each rank writes its own file: the ranks share the run directory."""
+    optimizer_step, taken = train_script.optimizer_step, []
+
+    def out_of_memory_at_step_2(run):
+        if taken:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        taken.append(run.state.step)
+        return optimizer_step(run)
+
+    monkeypatch.setattr(train_script, "optimizer_step", out_of_memory_at_step_2)
+    with pytest.raises(torch.OutOfMemoryError):
+        train_script.train(config(tiny_model_dir, few_poems, tmp_path, "train.max_steps=8", "eval.at_start=true",
+                                  "data.val_fraction=0.3", "train.profile_memory=true"))
+    assert [(call, value) for call, value, _ in cuda_snapshots] == [
+        ("record", "all"), ("dump", str(tmp_path / "memory_snapshot.rank0.pickle")), ("record", None)]
+    assert cuda_snapshots[0][2] == [0]  # recording began once the step-0 evaluation was logged
+    assert cuda_snapshots[1][2] == [0, 1]  # and was dumped in the step that failed
 
 
 def test_train_state_round_trips_every_counter():
