@@ -39,6 +39,10 @@ class Parallel:
         for layer in layers:
             fully_shard(layer)
         fully_shard(loss_module)
+        # FSDP takes as root the first unit to run forward. Decoding calls the layers without the loss module, so
+        # an evaluation before any loss forward would make each layer its own root and the next loss forward raise
+        # "already been lazily initialized". torch has no public call for this.
+        loss_module._get_fsdp_state()._lazy_init()
         return loss_module
 
     def gradient_sync(self, module: nn.Module, sync: bool):
@@ -81,17 +85,18 @@ class Parallel:
         return values if self.fsdp else self.accelerator.reduce(values)
 
     def whole_model(self, loss_module: nn.Module):
-        """Context in which the PEFT model can be called directly (decoding): the root's shards are gathered."""
+        """Context in which the PEFT model can be called directly (decoding): the root's shards are gathered, and
+        on leaving it every rank has run as many decoder forwards as the others, however many its decoding took."""
         if not self.fsdp:
             return nullcontext()
         return self._unsharded(loss_module)
 
-    @staticmethod
     @contextmanager
-    def _unsharded(module):
+    def _unsharded(self, module):
         module.unshard()  # the layers gather their own weights in their forward hooks
         try:
-            yield
+            with _forwards_in_lockstep(module.decoder, self.accelerator.device):
+                yield
         finally:
             module.reshard()
 
@@ -119,6 +124,33 @@ class Parallel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(loss_module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+@contextmanager
+def _forwards_in_lockstep(decoder: nn.Module, device: torch.device):
+    """Every rank leaves having run as many forwards of `decoder` as the rank that ran most. Under FSDP each forward
+    all-gathers every layer, and how many forwards decoding takes is each rank's own: a value ends where the greedy
+    token closes its quote, and ranks on other hardware or kernels can pick other tokens. Before each forward the
+    ranks count how many of them forward; a rank that is done forwards one token for as long as another is not."""
+    def announce(module, args) -> None:
+        _ranks_forwarding(1, device)
+
+    handle = decoder.register_forward_pre_hook(announce)
+    try:
+        yield
+    finally:
+        handle.remove()
+    # not after an error: the other ranks' next collective fails, as when a rank dies
+    with torch.no_grad():
+        while _ranks_forwarding(0, device):
+            decoder(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+
+
+def _ranks_forwarding(forwarding: int, device: torch.device) -> int:
+    """How many ranks are about to forward (each says 1 or 0); a collective."""
+    count = torch.tensor([forwarding], device=device)
+    torch.distributed.all_reduce(count)
+    return int(count)
 
 
 def collective_failed(err: BaseException) -> bool:

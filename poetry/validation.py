@@ -79,7 +79,8 @@ class Validator:
         """Constrained greedy answers to the validation questions, scored: val/acc, val/bleu_*, val/proxy_total
         (and val/bertscore_*, val/total when eval.bertscore_model is set)."""
         examples = self.parallel.shard(self.data.val_examples[:self.cfg.max_questions or None])
-        with self.parallel.whole_model(loss_module), self.autocast():
+        # autocast outside: whole_model's padding forwards, run as it closes, take the same precision
+        with self.autocast(), self.parallel.whole_model(loss_module):
             decoded = answer_questions(model, self.fmt, [e.question for e in examples], self.cfg.batch_size,
                                        self.cfg.max_new_tokens, self.heartbeat("validation decoding", len(examples)),
                                        self.cfg.choose)

@@ -1,5 +1,7 @@
 """FSDP2 on CPU (gloo), 2 processes: the sharded run learns what the DDP run learns, saves an ordinary PEFT adapter
-and resumes exactly. Accelerate ignores FSDP on CPU, so these runs ask for it with train.fsdp=true."""
+and resumes exactly; it may decode before any loss forward, and ranks whose decoding takes different numbers of
+forwards stay paired. Accelerate ignores FSDP on CPU, so these runs ask for it with train.fsdp=true."""
+import json
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -7,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, adapter, metrics, torchrun
+from conftest import ROOT, SAMPLE, adapter, metrics, torchrun
 
 STEPS = 4
 
@@ -58,6 +60,19 @@ def test_fsdp_resume_is_exact(runs):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     state = torch.load(root / "fsdp" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
     assert any("lora_A" in name for name in state["optimizer"]["state"])  # whole state, keyed by parameter name
+
+
+def test_fsdp_decodes_before_any_loss_forward_and_then_trains(tiny_model_dir, few_poems, tmp_path):
+    """eval.loss=false with eval.at_start: the first forwards are decoding's, which call the layers without the loss
+    module. FSDP takes as root the first unit to run forward, so the root must be settled when sharding: else each
+    layer becomes its own root and the training forward after raises."""
+    output = train_tiny(tiny_model_dir, few_poems, tmp_path, "train.fsdp=true", "eval.loss=false",
+                        "train.max_steps=1")
+    assert "processes: 2 (FSDP)" in output.stdout
+    lines = metrics(tmp_path)
+    first_evaluation = next(m for m in lines if "val/bleu_words" in m)
+    assert first_evaluation["step"] == 0 and "val/loss" not in first_evaluation
+    assert [m["step"] for m in lines if "train/loss" in m] == [1]
 
 
 @pytest.mark.parametrize("name, kind", [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"), ("fsdp", "FSDP")])
@@ -134,3 +149,46 @@ def test_a_decoder_without_layers_cannot_be_sharded(monkeypatch):
                                                                       device="cuda"))
     with pytest.raises(ConfigError, match="keeps no decoder layers in `.layers`"):
         parallel.wrap(SimpleNamespace(decoder=nn.Sequential(nn.Linear(2, 2))))
+
+
+def test_fsdp_ranks_whose_decoding_takes_different_forwards_stay_paired(tiny_model_dir, tmp_path):
+    """Each decoding forward all-gathers every layer, and how many forwards a rank runs is its own: a value ends where
+    the greedy token closes it, and ranks on other GPUs or kernels can pick other tokens. Ranks here agree on every
+    token, so rank 1 answers one question more. Unpaired, rank 0 would take its next collective while rank 1 still
+    all-gathers: gloo aborts on the size mismatch, or both wait until the timeout."""
+    script = tmp_path / "decode.py"
+    script.write_text(f"""
+import dataclasses, json, sys
+from datetime import timedelta
+from types import SimpleNamespace
+sys.path.insert(0, {str(ROOT)!r})
+import torch
+from poetry.choice import answer_questions
+from poetry.config import ModelConfig
+from poetry.data import load_questions
+from poetry.loss import TargetOnlyLoss
+from poetry.model import load_model, load_tokenizer
+from poetry.parallel import Parallel
+from poetry.prompt import PromptFormat
+
+torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=30))
+rank = torch.distributed.get_rank()
+model = load_model(ModelConfig(path={str(tiny_model_dir)!r}, dtype="fp32"), for_training=False)
+parallel = Parallel(SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(train=SimpleNamespace(fsdp=True)))
+loss_module = parallel.wrap(TargetOnlyLoss(model))
+fmt = PromptFormat(load_tokenizer({str(tiny_model_dir)!r}))
+questions = load_questions({str(SAMPLE / "eval.json")!r}).records
+ids = torch.tensor([fmt.prompt_ids(questions[0])])
+with torch.no_grad():  # the validation loss first, as an evaluation in the training loop runs it
+    loss_module(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+# rank 1 first answers a longer question: its last forwards, on question 0, meet rank 0's padding forwards
+mine = [questions[9], questions[0]] if rank else [questions[0]]
+with parallel.whole_model(loss_module):
+    decoded = answer_questions(model, fmt, mine, batch_size=1, max_new_tokens=4, method="likelihood_norm")
+answers = [None, None]
+torch.distributed.all_gather_object(answers, [dataclasses.asdict(d.answer) for d in decoded])
+if rank == 0:
+    print(json.dumps(answers))
+""")
+    rank0, rank1 = json.loads(torchrun(str(script), timeout=180).stdout.splitlines()[-1])
+    assert len(rank1) == 2 and rank1[1] == rank0[0]  # the weights gathered against padding are the real ones
