@@ -1,6 +1,6 @@
 """Memory of the CUDA recipes under a 32 GB cap, for whoever has a GPU: one command, about 10 minutes.
 
-    pip install -e '.[dev]' && python bench/gpu.py [--cap-gb 32] [--seq 1024] [--max-batch 64]
+    pip install -e '.[dev]' && python bench/gpu.py [--cap-gb 32] [--seq 1024] [--max-batch 64] [--scratch-dir DIR]
     python bench/gpu.py --cpu-smoke          # the same code end to end on CPU with a tiny stand-in, in seconds
 
 For random-init Qwen2.5-7B LoRA (bf16, gradient checkpointing, paged AdamW 8-bit) and Qwen2.5-14B QLoRA (nf4, double
@@ -11,17 +11,23 @@ quantization, bf16 compute), under `torch.cuda.set_per_process_memory_fraction` 
 - poetry.memory's estimate against the measured peak at that batch;
 - that a 4-bit training step right after a no_grad eval forward gives the gradients it gives without one (on CPU
   bitsandbytes 4-bit fails exactly there: see the README's platform notes).
-The weights are random (no hub here): memory and gradients do not depend on their values. Its authors never ran it
-on a GPU; `--cpu-smoke` (tested) runs every stage on CPU with a 2-layer Qwen2 stand-in, fp32 and unquantized, with
-peaks read from the process RSS, which only grows.
+Each base is loaded as train.py loads it, by poetry.model.load_model (bitsandbytes quantization by transformers'
+loader, PEFT's kbit preparation, checkpointing) from a random-init checkpoint written to `--scratch-dir` and
+deleted once loaded: 15 GB of disk for the 7B, 30 GB for the 14B. The weights are random (no hub here): memory and
+gradients do not depend on their values. Each stage's results are saved as soon as it ends. Its authors never ran
+it on a GPU; `--cpu-smoke` (tested) runs the same stages on CPU with a 2-layer Qwen2 stand-in in fp32, the QLoRA
+stage on an 8-bit base (the only bitsandbytes training that works on CPU), with peaks read from the process RSS,
+which only grows.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import resource
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +53,15 @@ STAND_IN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_
 class Setup:
     name: str
     shape: dict
-    quantized: bool
+    quantization: str  # model.quantization: none, 4bit (nf4, double quantization) or 8bit
     optimizer: str
 
 
-CUDA_SETUPS = (Setup("Qwen2.5-7B LoRA bf16", QWEN25["qwen2.5-7b"], False, "paged_adamw_8bit"),
-               Setup("Qwen2.5-14B QLoRA nf4", QWEN25["qwen2.5-14b"], True, "paged_adamw_8bit"))
-SMOKE_SETUPS = (Setup("stand-in LoRA fp32", STAND_IN, False, "adamw"),)
+CUDA_SETUPS = (Setup("Qwen2.5-7B LoRA bf16", QWEN25["qwen2.5-7b"], "none", "paged_adamw_8bit"),
+               Setup("Qwen2.5-14B QLoRA nf4", QWEN25["qwen2.5-14b"], "4bit", "paged_adamw_8bit"))
+# the same stages; the quantized base in 8-bit, as a 4-bit one breaks the training step on CPU after a no_grad forward
+SMOKE_SETUPS = (Setup("stand-in LoRA fp32", STAND_IN, "none", "adamw"),
+                Setup("stand-in QLoRA int8", STAND_IN, "8bit", "adamw"))
 
 
 class CudaMemory:
@@ -98,61 +106,54 @@ class CpuMemory:
         return {"allocated_gb": rss, "reserved_gb": rss}
 
     def facts(self) -> dict:
-        return {"gpu": None, "note": "--cpu-smoke: peaks are process RSS; no 4-bit on CPU"}
+        return {"gpu": None, "note": "--cpu-smoke: peaks are process RSS; the QLoRA stage's base is 8-bit"}
 
 
-def random_model(setup: Setup, memory, checkpointing: bool):
-    """A random-init Qwen2 in the probe's dtype on its device, 4-bit where the setup says, then the loop's own
-    preparation for training (poetry.model.load_model's)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+def write_random_checkpoint(config, directory: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """A random-init model as from_pretrained reads it: config.json and one safetensors shard per decoder layer (and
+    one for the rest), each drawn on `device` and written before the next, so a 14B model is never whole in memory.
+    Matrices are N(0, 0.02), norm scales 1, biases 0."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
 
-    config = Qwen2Config(**COMMON, **setup.shape)
-    target = torch.device("meta") if setup.quantized else memory.device
-    with target:  # straight on the device: a 7B model never exists in fp32 anywhere
-        model = AutoModelForCausalLM.from_config(config, dtype=memory.dtype)
-    if setup.quantized:
-        quantize_on_cuda(model, memory.dtype)
-    model.config.use_cache = False
-    kwargs = {"use_reentrant": False}
-    if setup.quantized:
-        from peft import prepare_model_for_kbit_training
-
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                               gradient_checkpointing_kwargs=kwargs)
-    if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        model.enable_input_require_grads()
-    return model
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in AutoModelForCausalLM.from_config(config, dtype=dtype).named_parameters()}
+    shards: dict[str, list[str]] = {}
+    for name in shapes:
+        layer = name.split(".")[2] if name.startswith("model.layers.") else "rest"
+        shards.setdefault(f"model-{layer}.safetensors", []).append(name)
+    config.save_pretrained(directory)
+    for file, names in shards.items():
+        save_file({name: random_tensor(name, shapes[name], dtype, device).cpu() for name in names},
+                  directory / file, metadata={"format": "pt"})
+    weight_map = {name: file for file, names in shards.items() for name in names}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def quantize_on_cuda(model, compute_dtype: torch.dtype) -> None:
-    """Meta-device model -> CUDA, each decoder linear as an nf4 bitsandbytes layer quantized from random bf16 weights
-    one at a time (Params4bit quantizes when moved to CUDA), so peak memory stays near the 4-bit size; the rest
-    (embeddings, norms, lm_head) is materialised in bf16 and randomly initialised."""
-    import bitsandbytes as bnb
+def random_tensor(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if len(shape) == 2:
+        return torch.randn(shape, dtype=dtype, device=device) * 0.02
+    return (torch.ones if name.endswith("norm.weight") else torch.zeros)(shape, dtype=dtype, device=device)
 
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, linear in list(parent.named_children()):
-                if not isinstance(linear, torch.nn.Linear):
-                    continue
-                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-                weight = torch.randn(linear.out_features, linear.in_features, dtype=compute_dtype) * 0.02
-                quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
-                                                     quant_type="nf4", module=quantized)
-                if linear.bias is not None:
-                    quantized.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=compute_dtype),
-                                                        requires_grad=False)
-                setattr(parent, name, quantized.cuda())
-    model.to_empty(device="cuda")  # only the unquantized parameters are still on meta
-    # to_empty leaves buffers uninitialised: RoPE's inverse frequencies are computed again
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config, device="cuda")
-    for name, param in model.named_parameters():
-        if param.dtype == compute_dtype and "weight" in name and param.ndim == 2 and "proj" not in name:
-            torch.nn.init.normal_(param, std=0.02)
-        elif param.dtype == compute_dtype and param.ndim == 1:
-            torch.nn.init.ones_(param)
+
+def check_as_trained(model, quantization: str) -> str:
+    """The adapted model is what train.py trains: PEFT's layer class for this base on every LoRA layer, and gradient
+    checkpointing on (the estimate assumes it). PEFT wraps a bitsandbytes layer in its own class, and the kbit
+    preparation turns checkpointing on, only for a model that transformers' loader flagged quantized
+    (is_loaded_in_4bit / is_loaded_in_8bit); a base quantized by hand gets plain lora.Linear and no checkpointing.
+    Returns the class name, for the results."""
+    from peft.tuners.lora import Linear, LoraLayer
+    from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
+
+    expected = {"none": Linear, "8bit": Linear8bitLt, "4bit": Linear4bit}[quantization]
+    found = {type(module) for module in model.modules() if isinstance(module, LoraLayer)}
+    if found != {expected}:
+        raise RuntimeError(f"LoRA layers are {', '.join(sorted(c.__qualname__ for c in found))}, not "
+                           f"{expected.__qualname__} as train.py gets them on a model.quantization={quantization} base")
+    if not model.get_base_model().is_activation_checkpointing:
+        raise RuntimeError("gradient checkpointing is off, though model.gradient_checkpointing is on and the estimate "
+                           "counts on it")
+    return expected.__name__
 
 
 def training_batch(batch_size: int, seq: int, vocab: int, device) -> dict[str, torch.Tensor]:
@@ -168,20 +169,28 @@ def training_batch(batch_size: int, seq: int, vocab: int, device) -> dict[str, t
 class Bench:
     """One setup: the PEFT model, the loop's loss module and optimizer, and the measurements."""
 
-    def __init__(self, setup: Setup, memory, seq: int, checkpointing: bool):
+    def __init__(self, setup: Setup, memory, seq: int, scratch: Path):
+        from transformers import Qwen2Config
+
         from poetry.loss import TargetOnlyLoss
-        from poetry.model import add_lora
+        from poetry.model import add_adapter, load_model
         from poetry.optim import build_optimizer
 
         self.setup, self.memory, self.seq = setup, memory, seq
-        self.cfg = Config(model=ModelConfig(path=setup.name, dtype="bf16" if memory.dtype == torch.bfloat16 else
-                                            "fp32", quantization="4bit" if setup.quantized else "none",
-                                            gradient_checkpointing=checkpointing),
-                          lora=LoraConfig(dropout=0.0), data=DataConfig(max_len=seq),
-                          train=TrainConfig(micro_batch_size=1, optimizer=setup.optimizer,
-                                            precision="bf16" if memory.dtype == torch.bfloat16 else "fp32"))
+        precision = "bf16" if memory.dtype == torch.bfloat16 else "fp32"
         torch.manual_seed(0)
-        self.model = add_lora(random_model(setup, memory, checkpointing), self.cfg.lora)
+        with tempfile.TemporaryDirectory(dir=scratch, prefix="gpu-bench-") as checkpoint:
+            write_random_checkpoint(Qwen2Config(**COMMON, **setup.shape), Path(checkpoint), memory.dtype,
+                                    memory.device)
+            self.cfg = Config(model=ModelConfig(path=checkpoint, dtype=precision, quantization=setup.quantization,
+                                                gradient_checkpointing=True),
+                              lora=LoraConfig(dropout=0.0), data=DataConfig(max_len=seq),
+                              train=TrainConfig(micro_batch_size=1, optimizer=setup.optimizer, precision=precision))
+            # as train.py: the loader quantizes and prepares the base; accelerator.prepare moves an unquantized one
+            self.model = add_adapter(load_model(self.cfg.model, memory.device), self.cfg.peft, self.cfg.lora)
+        if setup.quantization == "none":
+            self.model.to(memory.device)
+        self.lora_layer = check_as_trained(self.model, setup.quantization)
         self.loss = TargetOnlyLoss(self.model, self.cfg.train.loss_chunk_rows)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
 
@@ -260,10 +269,10 @@ class Bench:
         return max(float((a - b).norm() / b.norm().clamp(min=1e-30)) for a, b in zip(after, before, strict=True))
 
 
-def measure(setup: Setup, memory, seq: int, max_batch: int) -> dict:
-    bench = Bench(setup, memory, seq, checkpointing=True)
-    row = {"setup": setup.name, "seq": seq, "quantized": setup.quantized, "optimizer": setup.optimizer,
-           "gradient_difference_after_eval": bench.gradients_after_eval(),
+def measure(setup: Setup, memory, seq: int, max_batch: int, scratch: Path) -> dict:
+    bench = Bench(setup, memory, seq, scratch)
+    row = {"setup": setup.name, "seq": seq, "quantization": setup.quantization, "optimizer": setup.optimizer,
+           "lora_layer": bench.lora_layer, "gradient_difference_after_eval": bench.gradients_after_eval(),
            "train_step": bench.measured(bench.train_step, bench.batch(1)),
            "eval_forward": bench.measured(bench.eval_forward, bench.batch(1))}
     row["largest_micro_batch"] = largest = bench.largest_batch(max_batch)
@@ -282,14 +291,14 @@ def print_rows(rows: list[dict], title: str) -> None:
     from bench.common import console
 
     table = Table(title=title)
-    for column in ("setup", "train peak alloc/reserved GiB", "eval peak alloc/reserved GiB", "largest batch",
-                   "estimate / peak", "grad diff after eval"):
+    for column in ("setup", "LoRA layer", "train peak alloc/reserved GiB", "eval peak alloc/reserved GiB",
+                   "largest batch", "estimate / peak", "grad diff after eval"):
         table.add_column(column, justify="left" if column == "setup" else "right")
     for r in rows:
         pair = lambda p: f"{p['allocated_gb']:.2f} / {p['reserved_gb']:.2f}"  # noqa: E731
         ratio = r.get("estimate_over_peak", math.nan)
-        table.add_row(r["setup"], pair(r["train_step"]), pair(r["eval_forward"]), str(r["largest_micro_batch"]),
-                      f"{ratio:.2f}", f"{r['gradient_difference_after_eval']:.1e}")
+        table.add_row(r["setup"], r["lora_layer"], pair(r["train_step"]), pair(r["eval_forward"]),
+                      str(r["largest_micro_batch"]), f"{ratio:.2f}", f"{r['gradient_difference_after_eval']:.1e}")
     console.print(table)
 
 
@@ -300,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, help="tokens per sequence (default: 1024; 64 with --cpu-smoke)")
     parser.add_argument("--max-batch", type=int, help="largest micro-batch tried (default: 64; 4 with --cpu-smoke)")
     parser.add_argument("--results-dir", type=Path, help="default: bench/results")
+    parser.add_argument("--scratch-dir", type=Path, default=Path(tempfile.gettempdir()),
+                        help="where each stage's random checkpoint is written, then deleted once loaded: 15 GB for "
+                             "the 7B, 30 GB for the 14B (default: %(default)s)")
     args = parser.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("error: bench/gpu.py needs a CUDA GPU; --cpu-smoke runs the same stages on CPU with a tiny stand-in",
@@ -312,13 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     memory = CpuMemory() if args.cpu_smoke else CudaMemory(args.cap_gb)
     seq = args.seq or (64 if args.cpu_smoke else 1024)
     max_batch = args.max_batch or (4 if args.cpu_smoke else 64)
+    args.scratch_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for setup in SMOKE_SETUPS if args.cpu_smoke else CUDA_SETUPS:
-        rows.append(measure(setup, memory, seq, max_batch))
+        rows.append(measure(setup, memory, seq, max_batch, args.scratch_dir))
+        # saved after every stage: a later stage that fails or runs out of memory loses none of the earlier rows
+        path = write_results("gpu-smoke" if args.cpu_smoke else "gpu", {**memory.facts(), "rows": rows},
+                             args.results_dir or RESULTS_DIR)
+        print(f"{setup.name}: saved {path}")
     print_rows(rows, f"{'CPU smoke' if args.cpu_smoke else f'CUDA, cap {args.cap_gb:g} GiB'}, seq {seq}")
-    path = write_results("gpu-smoke" if args.cpu_smoke else "gpu", {**memory.facts(), "rows": rows},
-                         args.results_dir or RESULTS_DIR)
-    print(f"saved {path}")
     return 0
 
 

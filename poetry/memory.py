@@ -4,7 +4,8 @@
 
     python -m poetry.memory --config configs/demo.yaml --device cpu
 
-The estimate reads only config.json and adds up weights (by dtype or quantization), the trained parameters of
+The estimate reads only config.json and adds up weights (by dtype or quantization; a quantized base's other
+parameters in the fp32 that PEFT's kbit preparation casts them to), the trained parameters of
 `peft.method` (LoRA, prompt/P/prefix tuning, IA3, or every weight in fp32 for `full`), their gradients and
 optimizer state, activations (with or without checkpointing) for the worst-case micro-batch, and the
 output layer (the target rows, and one chunk's logits at a time). Activations are the tensors autograd keeps per
@@ -17,17 +18,15 @@ bench/memory.py compares the total with the measured peak of a training step.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PROMPT_LEARNING, Config, ConfigError, load_config
+from .config import PROMPT_LEARNING, Config, ConfigError, ModelConfig, load_config
 
 GB = 1024**3
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}
-# bitsandbytes: int8 plus a per-row scale; nf4/fp4 packs two weights a byte plus an fp32 absmax per 64 weights,
-# which double quantization stores as int8 with an fp32 constant per 256 blocks
-QUANTIZED_BYTES = {"8bit": 1.0 + 4 / 4096, "4bit": 0.5 + 4 / 64, "4bit+dq": 0.5 + 1 / 64 + 4 / (64 * 256)}
 OPTIMIZER_BYTES = {"adamw": 8.0, "paged_adamw": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0}
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHOD_NAMES = {"lora": "LoRA", "prompt_tuning": "prompt tuning", "p_tuning": "P-tuning",
@@ -50,6 +49,7 @@ class Shape:
     qk_norm: bool = False
     sandwich_norms: bool = False
     softcap: bool = False  # Gemma's cap * tanh(logits / cap): a second logits buffer in the loss
+    biased: tuple[str, ...] = ()  # the linear layers that carry a bias
 
     @classmethod
     def from_config(cls, config) -> "Shape":
@@ -61,7 +61,7 @@ class Shape:
                    head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
                    tied=bool(getattr(config, "tie_word_embeddings", False)),
                    qk_norm=model_type in QK_NORM_MODELS, sandwich_norms=model_type in SANDWICH_NORM_MODELS,
-                   softcap=bool(getattr(config, "final_logit_softcapping", None)))
+                   softcap=bool(getattr(config, "final_logit_softcapping", None)), biased=biased_linears(config))
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer in one decoder block (gated MLP, grouped-query attention)."""
@@ -71,7 +71,19 @@ class Shape:
 
     @property
     def block_params(self) -> int:
-        return sum(a * b for a, b in self.linears().values()) + 2 * self.hidden
+        return sum(a * b for a, b in self.linears().values()) + self.unquantized_block_params
+
+    @property
+    def unquantized_block_params(self) -> int:
+        """Per decoder block: the norms' scales and the biases, which bitsandbytes leaves unquantized."""
+        norms = 2 * self.hidden * (2 if self.sandwich_norms else 1) + (2 * self.head_dim if self.qk_norm else 0)
+        return norms + sum(self.linears()[name][1] for name in self.biased)
+
+    def block_bytes(self, linear_storage: str, unquantized_bytes: float) -> float:
+        """One decoder block's frozen weights: the linear layers as `linear_storage` holds them, the rest at
+        `unquantized_bytes` each."""
+        return (sum(linear_weight_bytes(rows, cols, linear_storage) for cols, rows in self.linears().values())
+                + self.unquantized_block_params * unquantized_bytes)
 
     @property
     def embedding_params(self) -> int:
@@ -112,45 +124,44 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1, *
     `targets` default to the config's worst case: full micro-batches of data.max_len, half of it answer tokens.
     On a CPU, `process_gb` is the measured resident memory of the process before the weights (process_rss_gb)."""
     m, t, method = cfg.model, cfg.train, cfg.peft.method
-    weight_dtype = m.dtype
-    base = shape.layers * shape.block_params
-    quant = "4bit+dq" if m.quantization == "4bit" and m.double_quant else m.quantization
-    per_weight = QUANTIZED_BYTES.get(quant, WEIGHT_BYTES[weight_dtype])
+    quantized = m.quantization != "none"
+    # prepare_model_for_kbit_training casts every 16-bit parameter it leaves unquantized (embeddings, lm_head,
+    # norms, biases) to fp32; the fp32 embeddings and norms then carry the residual stream in fp32 as well
+    kept_dtype = "fp32" if quantized else m.dtype
+    act_bytes = WEIGHT_BYTES[t.precision]
+    stream_bytes = WEIGHT_BYTES["fp32"] if quantized else act_bytes
     names = lora_targets(cfg) if method == "lora" else []
     trained = trainable_count(cfg, shape)
-    act_bytes = WEIGHT_BYTES[t.precision]
     sequences, seq_len = batch or (t.micro_batch_size, cfg.data.max_len)
     tokens = sequences * seq_len if batch or not t.max_tokens_per_batch else t.max_tokens_per_batch
     targets = tokens // 2 if targets is None else targets
     if method in PROMPT_LEARNING:  # the virtual tokens run through every layer with each sequence
         seq_len += cfg.peft.num_virtual_tokens
         tokens += sequences * cfg.peft.num_virtual_tokens
-    per_layer = act_bytes * shape.saved_per_token(names, cfg.lora.r, method == "lora" and cfg.lora.dropout > 0,
-                                                  seq_len)
+    # an upper bound for a kbit-prepared base, whose layers keep some of these in the autocast dtype (a 4-bit Qwen2
+    # keeps 0.89 of it: tests/test_memory.py)
+    per_layer = stream_bytes * shape.saved_per_token(names, cfg.lora.r, method == "lora" and cfg.lora.dropout > 0,
+                                                     seq_len)
     if m.gradient_checkpointing:
-        activations = tokens * (shape.layers * act_bytes * shape.hidden + per_layer)  # layer inputs + one layer
+        activations = tokens * (shape.layers * stream_bytes * shape.hidden + per_layer)  # layer inputs + one layer
         how = f"{tokens} tokens; checkpointed: layer inputs + one layer recomputed"
     else:
         activations = tokens * shape.layers * per_layer
         how = f"{tokens} tokens x {shape.layers} layers x {per_layer / 1024:.0f} KiB"
-    output_layer, output_how = output_layer_bytes(shape, targets, t.loss_chunk_rows, act_bytes)
-    what = f"{base / 1e9:.2f}B params, {quant if quant != 'none' else weight_dtype}"
+    if quantized:
+        how += "; fp32 (kbit preparation)"
+    output_layer, output_how = output_layer_bytes(shape, targets, t.loss_chunk_rows, act_bytes, stream_bytes,
+                                                  WEIGHT_BYTES[kept_dtype])
     trained /= shards  # adapters, their gradients and Adam state are sharded with their layers
     if method == "full":  # the weights themselves are trained: no separate frozen copy
         rows = [("weights (fp32, trained)", trained * 4 / GB,
                  f"{trained / 1e9:.2f}B params: decoder, embeddings and lm_head "
                  f"({'tied' if shape.tied else 'untied'})")]
     else:
-        rows = [("base weights", base * per_weight / GB, what)] if shards == 1 else [
-            ("base weights (FSDP shard)", base * per_weight / shards / GB, f"{what} / {shards} processes"),
-            # one layer runs while the next is prefetched; the root unit (embeddings, lm_head) stays whole, below
-            ("gathered layers (FSDP)", 2 * shape.block_params * per_weight / GB, "2 decoder layers unsharded")]
-        rows += [("embeddings + lm_head", shape.embedding_params * WEIGHT_BYTES[weight_dtype] / GB,
-                  f"{shape.embedding_params / 1e9:.2f}B params, {weight_dtype} "
-                  f"({'tied' if shape.tied else 'untied'})"),
-                 (f"{METHOD_NAMES[method]} weights (fp32)", trained * 4 / GB,
-                  f"{trained / 1e6:.3f}M params{' per shard' if shards > 1 else ''}"
-                  + (f", r={cfg.lora.r}" if method == "lora" else ""))]
+        rows = frozen_rows(shape, linear_storage(m), kept_dtype, shards) + [
+            (f"{METHOD_NAMES[method]} weights (fp32)", trained * 4 / GB,
+             f"{trained / 1e6:.3f}M params{' per shard' if shards > 1 else ''}"
+             + (f", r={cfg.lora.r}" if method == "lora" else ""))]
     rows += [
         (f"{METHOD_NAMES[method]} gradients (fp32)", trained * 4 / GB, ""),
         ("optimizer state", trained * OPTIMIZER_BYTES[t.optimizer] / GB, t.optimizer),
@@ -163,6 +174,55 @@ def estimate(cfg: Config, shape: Shape, device: str = "cuda", shards: int = 1, *
         rows.append(("process before the weights", process_gb, "measured: Python, torch, transformers, PEFT, "
                                                                "tokenizer, tokenised data"))
     return rows
+
+
+def linear_storage(m: ModelConfig) -> str:
+    """How the decoder's linear weights are held: model.dtype, or a bitsandbytes format (4bit+dq: double
+    quantization)."""
+    if m.quantization == "4bit" and m.double_quant:
+        return "4bit+dq"
+    return m.dtype if m.quantization == "none" else m.quantization
+
+
+def frozen_rows(shape: Shape, storage: str, kept_dtype: str, shards: int) -> list[tuple[str, float, str]]:
+    """The frozen base: decoder blocks with their linear layers in `storage` (a dtype or a quantization), the
+    rest of the model in `kept_dtype`."""
+    kept_bytes = WEIGHT_BYTES[kept_dtype]
+    params = shape.layers * shape.block_params + shape.hidden  # the final norm too
+    decoder = shape.layers * shape.block_bytes(storage, kept_bytes) + shape.hidden * kept_bytes
+    what = f"{params / 1e9:.2f}B params, {storage}"
+    if storage != kept_dtype:
+        what += f"; norms and biases {kept_dtype} (kbit preparation)"
+    rows = [("base weights", decoder / GB, what)] if shards == 1 else [
+        ("base weights (FSDP shard)", decoder / shards / GB, f"{what} / {shards} processes"),
+        # one layer runs while the next is prefetched; the root unit (embeddings, lm_head) stays whole, below
+        ("gathered layers (FSDP)", 2 * shape.block_bytes(storage, kept_bytes) / GB, "2 decoder layers unsharded")]
+    cast = " (kbit preparation)" if storage != kept_dtype else ""
+    return rows + [("embeddings + lm_head", shape.embedding_params * kept_bytes / GB,
+                    f"{shape.embedding_params / 1e9:.2f}B params, {kept_dtype}{cast} "
+                    f"({'tied' if shape.tied else 'untied'})")]
+
+
+def linear_weight_bytes(rows: int, cols: int, storage: str) -> float:
+    """One frozen linear weight of `rows` output features as stored: `storage` is a dtype of WEIGHT_BYTES or a
+    bitsandbytes quantization, whose statistics count too."""
+    weights = rows * cols
+    if storage == "8bit":  # int8, and an fp32 scale per output row
+        return weights + 4 * rows
+    blocks = math.ceil(weights / 64)  # 4-bit: 64 weights share an absmax
+    if storage == "4bit":  # two weights a byte, an fp32 absmax per block, the 16 fp32 values of nf4/fp4
+        return weights / 2 + 4 * blocks + 4 * 16
+    if storage == "4bit+dq":  # the absmaxes as int8 with an fp32 absmax per 256, and their 256-entry table and offset
+        return weights / 2 + blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256 + 1)
+    return weights * WEIGHT_BYTES[storage]
+
+
+def biased_linears(config) -> tuple[str, ...]:
+    """The linear layers of a decoder block that carry a bias: Qwen2's queries, keys and values always do."""
+    if config.model_type == "qwen2":
+        return "q_proj", "k_proj", "v_proj"
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj") if getattr(config, "attention_bias", False) else ()
+    return attention + (("gate_proj", "up_proj", "down_proj") if getattr(config, "mlp_bias", False) else ())
 
 
 def lora_targets(cfg: Config) -> list[str]:
@@ -201,16 +261,22 @@ def device_memory_gb(device: str) -> float | None:
     return None
 
 
-def output_layer_bytes(shape: Shape, targets: int, chunk_rows: int, act_bytes: float) -> tuple[float, str]:
-    """(bytes, how) of poetry.loss: the gathered target rows and their gradient, and the fp32 logits of one chunk
-    (a second buffer under Gemma's softcap, and the matmul's own output when it runs in bf16/fp16) or, unchunked,
-    the logits, log-softmax and gradient of all target rows."""
-    rows = 2 * targets * shape.hidden * act_bytes
+def output_layer_bytes(shape: Shape, targets: int, chunk_rows: int, act_bytes: float, stream_bytes: float,
+                       lm_head_bytes: float) -> tuple[float, str]:
+    """(bytes, how) of poetry.loss: the gathered target rows (`stream_bytes` each) and their gradient, the fp32
+    logits of one chunk (a second buffer under Gemma's softcap, and the matmul's own output when it runs in
+    bf16/fp16) or, unchunked, the logits, log-softmax and gradient of all target rows. An lm_head stored wider than
+    the matmul's `act_bytes` (fp32 after kbit preparation, under bf16 autocast) is cast whole for the loss."""
+    held = 2 * targets * shape.hidden * stream_bytes
+    cast = lm_head_bytes > act_bytes
+    held += shape.vocab * shape.hidden * act_bytes if cast else 0  # the cast copy of lm_head: vocab x hidden
+    cast_how = f"; lm_head cast to {act_bytes * 8:.0f}-bit for the matmul" if cast else ""
     if not chunk_rows:
-        return rows + targets * shape.vocab * 12, f"{targets} target rows x {shape.vocab} ids, fp32, unchunked"
+        return (held + targets * shape.vocab * 12,
+                f"{targets} target rows x {shape.vocab} ids, fp32, unchunked{cast_how}")
     buffers = 4 * (2 if shape.softcap else 1) + (act_bytes if act_bytes != 4 else 0)
     chunk = min(chunk_rows, targets)
-    return rows + chunk * shape.vocab * buffers, f"{targets} target rows; logits of {chunk} at a time"
+    return held + chunk * shape.vocab * buffers, f"{targets} target rows; logits of {chunk} at a time{cast_how}"
 
 
 def process_rss_gb() -> float:
