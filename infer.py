@@ -1,7 +1,8 @@
 """Answer evaluation questions with a (LoRA-tuned) model, merge an adapter into its base, or chat with a model.
 
     python infer.py [predict] --model DIR [--adapter DIR] --input eval.json --output submission.json
-                    [--decode constrained|free] [--choose letter|letter_calibrated|likelihood|likelihood_norm]
+                    [--decode constrained|free] [--choose-prior-weight λ]
+                    [--choose letter|letter_calibrated|likelihood|likelihood_norm|likelihood_pmi]
                     [--batch-size N] [--max-new-tokens N] [--system-prompt TEXT]
                     [--load-in-4bit | --load-in-8bit] [--dtype auto|fp32|bf16|fp16]
     python infer.py merge --model DIR --adapter DIR --out DIR [--dtype auto|fp32|bf16|fp16]
@@ -63,6 +64,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _prior_weight(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 2:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2], got {value}")
+    return value
+
+
 def _model_arguments(parser: argparse.ArgumentParser, adapter_required: bool = False) -> None:
     parser.add_argument("--model", required=True, help="base or merged model directory, or builtin:NAME")
     parser.add_argument("--adapter", required=adapter_required,
@@ -76,6 +84,9 @@ def _answer_arguments(parser: argparse.ArgumentParser) -> None:
     """How questions are answered: predict's and serve's."""
     parser.add_argument("--choose", choices=typing.get_args(ChoiceMethod), default="likelihood_norm",
                         help="how constrained decoding picks choose_id, see poetry.choice (default: %(default)s)")
+    parser.add_argument("--choose-prior-weight", type=_prior_weight, default=1.0,
+                        help="likelihood_pmi's λ, as eval.choose_prior_weight: the share of each option's "
+                             "likelihood after the cue alone taken away (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=_positive, default=64,
                         help="token budget of each value (default: %(default)s)")
     parser.add_argument("--system-prompt", default="",
@@ -258,7 +269,7 @@ def _predict(args: argparse.Namespace) -> int:
     with _Progress(len(questions), f"{args.decode} decoding") as progress:
         if args.decode == "constrained":
             result = answer_questions(model, fmt, questions, args.batch_size, args.max_new_tokens, progress.advance,
-                                      args.choose)
+                                      args.choose, args.choose_prior_weight)
         else:
             result = decode_free(model, fmt, questions, args.batch_size, args.max_new_tokens, progress.advance)
     if args.decode == "constrained":
@@ -376,7 +387,8 @@ def _app(args: argparse.Namespace):
 def _answers(model, fmt: PromptFormat, args: argparse.Namespace, questions: list) -> list:
     """The answers predict writes for `questions`, in order."""
     return [decoded.answer for decoded in answer_questions(model, fmt, questions, args.max_batch,
-                                                           args.max_new_tokens, None, args.choose)]
+                                                           args.max_new_tokens, None, args.choose,
+                                                           args.choose_prior_weight)]
 
 
 def _error(message: str) -> int:

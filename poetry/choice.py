@@ -9,6 +9,14 @@
 - `likelihood_norm`: the same divided by the option's length in characters (lm-eval's `acc_norm` divides by bytes;
   the options are Chinese, 3 bytes a character in UTF-8, so the two rank alike). Summed log-probabilities favour
   short options.
+- `likelihood_pmi`: domain-conditional PMI (Holtzman et al., EMNLP 2021, "Surface form competition"): the option's
+  log-probability after the poem minus `prior_weight` (λ, `eval.choose_prior_weight`) times its log-probability
+  after the cue alone, per character. An option the model finds likely whatever the poem (the training set's
+  frequent sorrow) loses what it owes to that prior. Each distinct option text's prior is computed once a call.
+
+Option likelihoods are scored as the training loss scores targets (poetry.loss.TargetOnlyLoss: a prompt-learning
+adapter's virtual tokens first, only the option's positions through the output layer), each (prompt, option) pair a
+right-padded row, the options of `batch_size` questions in one forward.
 
 The rest of the answer is the same constrained decoding in every mode, and so is the answer's format.
 """
@@ -17,55 +25,57 @@ from __future__ import annotations
 import typing
 
 import torch
-from transformers import DynamicCache
 
 from .config import ChoiceMethod
 from .data.records import OPTION_LETTERS, Question
-from .decode import (
-    Decoded,
-    LetterPick,
-    Progress,
-    decode_constrained,
-    inference,
-    model_device,
-    padding_id,
-    pick_most_likely_letter,
-)
-from .model import CACHE_KEYWORD, VirtualTokens
-from .prompt import PromptFormat
+from .decode import Decoded, LetterPick, Progress, decode_constrained, inference, model_device, pick_most_likely_letter
+from .loss import TargetOnlyLoss
+from .prompt import IGNORE_INDEX, PromptFormat
 
 METHODS = typing.get_args(ChoiceMethod)
 CONTENT_FREE = "N/A"
 
 
-def option_logliks(model, fmt: PromptFormat, question: Question) -> dict[str, float]:
-    """Summed log-probability of each option's text after `fmt.emotion_prompt_ids(question)`.
-
-    The prompt is fed once and its keys and values repeated for the four options, which are fed together, padded
-    on the right (a pad after a sequence changes nothing before it)."""
-    prompt = fmt.emotion_prompt_ids(question)
-    options = [fmt.text_ids(text) for text in question.choose.values()]
-    device = model_device(model)
-    virtual = VirtualTokens.of(model)  # a prompt-learning adapter's tokens come first, as cached slots
-    runner, start = (virtual.base, virtual.length) if virtual else (model, 0)
+def continuation_logliks(model, pairs: list[tuple[list[int], list[int]]], rows_per_forward: int) -> list[float]:
+    """The summed log-probability of each continuation after its context, for (context ids, continuation ids)
+    pairs: each pair is a row whose targets are the continuation's tokens, longest rows batched first."""
+    scorer, device = TargetOnlyLoss(model), model_device(model)
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+    scores = [0.0] * len(pairs)
     with inference(model):
-        # without the config: every layer keeps all its slots (see decode._forward)
-        cache = DynamicCache([(keys[None], values[None]) for keys, values in virtual.kv()] if virtual else None)
-        first = runner(input_ids=torch.tensor([prompt], device=device), **{CACHE_KEYWORD: cache}, use_cache=True,
-                       logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
-        cache.batch_repeat_interleave(len(options))
-        width, end = max(map(len, options)), start + len(prompt)
-        ids = torch.tensor([o + [padding_id(fmt)] * (width - len(o)) for o in options], device=device)
-        mask = torch.tensor([[1] * (end + len(o)) + [0] * (width - len(o)) for o in options], device=device)
-        positions = torch.arange(end, end + width, device=device).expand(len(options), -1)
-        rest = runner(input_ids=ids, attention_mask=mask, position_ids=positions, **{CACHE_KEYWORD: cache},
-                      use_cache=True).logits.float().log_softmax(-1)
-    scores = []
-    for row, option in enumerate(options):
-        following = rest[row, torch.arange(len(option) - 1, device=device),
-                         torch.tensor(option[1:], dtype=torch.long, device=device)]
-        scores.append(float(first[option[0]] + following.sum()))
-    return dict(zip(question.choose, scores, strict=True))
+        for start in range(0, len(order), rows_per_forward):
+            batch = order[start:start + rows_per_forward]
+            rows = [pairs[i][0] + pairs[i][1] for i in batch]
+            width = max(map(len, rows))
+            padding = [[0] * (width - len(row)) for row in rows]  # id 0: masked, and never a target
+            ids = torch.tensor([row + pad for row, pad in zip(rows, padding, strict=True)], device=device)
+            mask = torch.tensor([[1] * len(row) + pad for row, pad in zip(rows, padding, strict=True)], device=device)
+            labels = torch.tensor([[IGNORE_INDEX] * len(pairs[i][0]) + pairs[i][1] + [IGNORE_INDEX] * len(pad)
+                                   for i, pad in zip(batch, padding, strict=True)], device=device)
+            for i, score in zip(batch, scorer.row_logprobs(ids, mask, labels).tolist(), strict=True):
+                scores[i] = score
+    return scores
+
+
+def option_logliks(model, fmt: PromptFormat, questions: list[Question], batch_size: int = 8) -> list[dict[str, float]]:
+    """Each question's options' summed log-probabilities after its emotion prompt, {letter: score} ({} for a
+    question without options); the options of `batch_size` questions in one forward."""
+    pairs = []
+    for question in questions:
+        prompt = fmt.emotion_prompt_ids(question) if question.choose else []
+        pairs += [(prompt, fmt.text_ids(text)) for text in question.choose.values()]
+    scores = iter(continuation_logliks(model, pairs, len(OPTION_LETTERS) * batch_size))
+    return [{letter: next(scores) for letter in question.choose} for question in questions]
+
+
+def option_priors(model, fmt: PromptFormat, texts: list[str], batch_size: int = 8) -> dict[str, float]:
+    """Each distinct option text's summed log-probability after the cue alone (PMI's domain premise), once a text:
+    options repeat across questions."""
+    distinct = sorted(set(texts))
+    cue = fmt.emotion_cue_ids()
+    scores = continuation_logliks(model, [(cue, fmt.text_ids(text)) for text in distinct],
+                                  len(OPTION_LETTERS) * batch_size)
+    return dict(zip(distinct, scores, strict=True))
 
 
 def content_free_prior(model, fmt: PromptFormat, max_new_tokens: int) -> dict[str, float]:
@@ -76,7 +86,8 @@ def content_free_prior(model, fmt: PromptFormat, max_new_tokens: int) -> dict[st
     return decoded.option_logprobs
 
 
-def letter_pick(model, fmt: PromptFormat, questions: list[Question], method: str, max_new_tokens: int) -> LetterPick:
+def letter_pick(model, fmt: PromptFormat, questions: list[Question], method: str, max_new_tokens: int,
+                batch_size: int = 8, prior_weight: float = 1.0) -> LetterPick:
     """What decides each question's letter under `method`; likelihood modes score every option here, first."""
     if method not in METHODS:
         raise ValueError(f"unknown choice method {method!r}; choose one of {', '.join(METHODS)}")
@@ -85,15 +96,19 @@ def letter_pick(model, fmt: PromptFormat, questions: list[Question], method: str
     if method == "letter_calibrated":
         prior = content_free_prior(model, fmt, max_new_tokens)
         return lambda position, logprobs: max(logprobs, key=lambda letter: logprobs[letter] - prior[letter])
-    scores = [option_logliks(model, fmt, q) if q.choose else {} for q in questions]
-    if method == "likelihood_norm":
+    scores = option_logliks(model, fmt, questions, batch_size)
+    if method == "likelihood_pmi":
+        prior = option_priors(model, fmt, [text for q in questions for text in q.choose.values()], batch_size)
+        scores = [{k: s - prior_weight * prior[q.choose[k]] for k, s in per.items()}
+                  for q, per in zip(questions, scores, strict=True)]
+    if method in ("likelihood_norm", "likelihood_pmi"):
         scores = [{k: s / len(q.choose[k]) for k, s in per.items()} for q, per in zip(questions, scores, strict=True)]
     return lambda position, logprobs: max(scores[position], key=scores[position].get)
 
 
 def answer_questions(model, fmt: PromptFormat, questions: list[Question], batch_size: int = 8,
                      max_new_tokens: int = 64, progress: Progress | None = None,
-                     method: str = "letter") -> list[Decoded]:
-    """Constrained answers whose choose_id is picked by `method`."""
-    pick = letter_pick(model, fmt, questions, method, max_new_tokens)
+                     method: str = "letter", prior_weight: float = 1.0) -> list[Decoded]:
+    """Constrained answers whose choose_id is picked by `method` (`prior_weight`: likelihood_pmi's λ)."""
+    pick = letter_pick(model, fmt, questions, method, max_new_tokens, batch_size, prior_weight)
     return decode_constrained(model, fmt, questions, batch_size, max_new_tokens, progress, pick)

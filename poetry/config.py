@@ -20,7 +20,8 @@ import yaml
 from .builtin import BUILTIN_PREFIX, check_local_model
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-ChoiceMethod = Literal["letter", "letter_calibrated", "likelihood", "likelihood_norm"]  # poetry.choice
+# how choose_id is picked: poetry.choice
+ChoiceMethod = Literal["letter", "letter_calibrated", "likelihood", "likelihood_norm", "likelihood_pmi"]
 
 
 class ConfigError(ValueError):
@@ -130,6 +131,8 @@ class EvalConfig:
     max_new_tokens: int = 64  # per-value token budget
     # how choose_id is picked (poetry.choice): the option text's likelihood per character measured best (README)
     choose: ChoiceMethod = "likelihood_norm"
+    # likelihood_pmi's λ: how much of each option's likelihood after the cue alone (its prior) is taken away
+    choose_prior_weight: float = 1.0
     bertscore_model: str = ""  # local BERT directory; empty = BERTScore off in the loop
     bertscore_layer: int = 8
     best_metric: str = "val/loss"  # which logged metric picks the best checkpoint
@@ -269,6 +272,9 @@ def validate(config: Config, device: str = "cpu", processes: int = 1) -> None:
                           f"got {t.loss_chunk_rows}")
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {config.data.val_fraction}")
+    if not 0 <= config.eval.choose_prior_weight <= 2:
+        raise ConfigError(f"eval.choose_prior_weight: must be in [0, 2] (0: likelihood_norm; 1: PMI), got "
+                          f"{config.eval.choose_prior_weight}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr: must be positive, got {t.lr}")
     if len(t.betas) != 2:

@@ -48,14 +48,28 @@ class TargetOnlyLoss(nn.Module):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    def target_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        """(the decoder's hidden states where a target is predicted, (target tokens, hidden) instead of (B, T,
+        hidden); the targets after the causal shift, (B, T - 1); the mask of learned ones)."""
         if self.virtual:
             hidden = self.virtual.hidden_states(self.decoder, input_ids, attention_mask)
         else:
             hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         learned = targets != IGNORE_INDEX
-        rows = hidden[:, :-1][learned]  # (target tokens, hidden) instead of (B, T, hidden)
+        return hidden[:, :-1][learned], targets, learned
+
+    def row_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     labels: torch.Tensor) -> torch.Tensor:
+        """Each row's summed log-probability of its targets, (B,): how likely a continuation is, as the loss sees
+        it. Every target row's logits at once: meant for short continuations (an emotion option's few tokens)."""
+        rows, targets, learned = self.target_rows(input_ids, attention_mask, labels)
+        logprobs = self.target_logits(rows).log_softmax(-1).gather(1, targets[learned].unsqueeze(1)).squeeze(1)
+        which = learned.nonzero()[:, 0]  # the row each target token belongs to
+        return logprobs.new_zeros(input_ids.shape[0]).index_add(0, which, logprobs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        rows, targets, learned = self.target_rows(input_ids, attention_mask, labels)
         # chunking reads lm_head's weight and bias directly, so any other output layer (an adapter on lm_head)
         # runs whole through its own forward
         if self.chunk_rows and type(self.lm_head) is nn.Linear:

@@ -138,7 +138,14 @@ class PromptFormat:
     def emotion_prompt_ids(self, question: Question) -> list[int]:
         """The context an option's text is scored after: as a user turn answered by the option with a chat
         template, as plain text ending in the cue without one."""
-        text = render_emotion_prompt(question)
+        return self._emotion_ids(render_emotion_prompt(question))
+
+    def emotion_cue_ids(self) -> list[int]:
+        """The emotion prompt without a poem, the cue alone, rendered as every emotion prompt is: the context of an
+        option's prior (poetry.choice, likelihood_pmi)."""
+        return self._emotion_ids(EMOTION_CUE)
+
+    def _emotion_ids(self, text: str) -> list[int]:
         if self.chat:
             return _ids(self.tokenizer.apply_chat_template(
                 self._messages(text), add_generation_prompt=True, tokenize=True, enable_thinking=False))

@@ -45,15 +45,59 @@ def full_sequence_logliks(model, fmt, question: Question) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_option_logliks_equal_the_full_sequence_computation(family_models, fmt, questions, arch):
-    """Gemma's sliding window (24 slots) is far shorter than the prompt: the repeated cache must keep every slot."""
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_option_logliks_equal_the_full_sequence_computation(family_models, fmt, questions, arch, batch_size):
+    """Several questions' options in one forward, rows of different lengths padded on the right; Gemma's sliding
+    window (24 slots) is far shorter than the prompt. A question without options gets none."""
     model = family_models[arch]
     one_token = {**OPTIONS, "D": "悲"}
     assert len(fmt.text_ids("悲")) == 1
-    for question in [*questions, replace(questions[0], choose=OPTIONS), replace(questions[1], choose=one_token)]:
-        got, expected = option_logliks(model, fmt, question), full_sequence_logliks(model, fmt, question)
-        assert list(got) == list(OPTION_LETTERS)
-        assert got == pytest.approx(expected, abs=1e-4)
+    asked = [*questions, replace(questions[0], choose=OPTIONS), replace(questions[1], choose={}),
+             replace(questions[1], choose=one_token)]
+    got = option_logliks(model, fmt, asked, batch_size)
+    assert len(got) == len(asked) and got[4] == {}
+    for question, scores in zip(asked, got, strict=True):
+        if question.choose:
+            assert list(scores) == list(OPTION_LETTERS)
+            assert scores == pytest.approx(full_sequence_logliks(model, fmt, question), abs=1e-4)
+
+
+def test_option_priors_score_each_distinct_text_once_after_the_cue_alone(family_models, fmt, questions,
+                                                                          monkeypatch):
+    model, scored = family_models["gemma3"], []
+    continuation_logliks = choice.continuation_logliks
+
+    def counting(model, pairs, rows):
+        scored.extend(pairs)
+        return continuation_logliks(model, pairs, rows)
+
+    monkeypatch.setattr(choice, "continuation_logliks", counting)
+    texts = [text for q in [*questions, questions[0]] for text in q.choose.values()]  # the first poem's twice
+    priors = choice.option_priors(model, fmt, texts, batch_size=2)
+    assert sorted(priors) == sorted(set(texts)) and len(scored) == len(set(texts)) < len(texts)
+    cue = fmt.emotion_cue_ids()
+    blank = replace(questions[0], choose={"A": texts[0], "B": texts[5]})
+    monkeypatch.setattr(fmt, "emotion_prompt_ids", lambda question: cue)  # the full computation after the cue
+    expected = full_sequence_logliks(model, fmt, blank)
+    assert priors[texts[0]] == pytest.approx(expected["A"], abs=1e-4)
+    assert priors[texts[5]] == pytest.approx(expected["B"], abs=1e-4)
+
+
+def test_pmi_takes_each_options_prior_away_per_character(family_models, fmt, questions, monkeypatch):
+    """(log P(o | poem, cue) - λ log P(o | cue)) / characters: the option likely whatever the poem loses its lead."""
+    question = replace(questions[0], choose={"A": "思乡之情", "B": "喜悦", "C": "孤独寂寞", "D": "闲适"})
+    monkeypatch.setattr(choice, "option_logliks", lambda *args: [{"A": -4.0, "B": -3.0, "C": -6.0, "D": -5.0}])
+    monkeypatch.setattr(choice, "option_priors",
+                        lambda *args: {"思乡之情": -2.0, "喜悦": -6.0, "孤独寂寞": -3.0, "闲适": -4.0})
+    model = family_models["qwen3"]
+
+    def pick(method, weight=1.0):
+        return letter_pick(model, fmt, [question], method, 4, prior_weight=weight)(0, {})
+
+    assert pick("likelihood_norm") == "A"  # -1.0 a character, against B's -1.5
+    assert pick("likelihood_pmi") == "B"  # (-3 + 6) / 2 = 1.5 against A's (-4 + 2) / 4 = -0.5
+    assert pick("likelihood_pmi", 0.0) == pick("likelihood_norm")
+    assert pick("likelihood_pmi", 0.1) == "A"  # (-4 + 0.2) / 4 = -0.95 against B's (-3 + 0.6) / 2 = -1.2
 
 
 def trained_to_prefer(model, fmt, question: Question, letter: str, steps: int = 25):
@@ -105,7 +149,7 @@ def test_the_content_free_prior_is_a_distribution_over_the_letters(family_models
 
 def test_length_normalisation_is_per_character(family_models, fmt, questions, monkeypatch):
     question = replace(questions[0], choose={"A": "悲", "B": "欢快的重逢", "C": "豪迈", "D": "闲适之乐"})
-    monkeypatch.setattr(choice, "option_logliks", lambda *args: {"A": -3.0, "B": -5.0, "C": -4.0, "D": -6.0})
+    monkeypatch.setattr(choice, "option_logliks", lambda *args: [{"A": -3.0, "B": -5.0, "C": -4.0, "D": -6.0}])
     model = family_models["qwen3"]
     assert letter_pick(model, fmt, [question], "likelihood", 4)(0, {}) == "A"
     assert letter_pick(model, fmt, [question], "likelihood_norm", 4)(0, {}) == "B"  # -1.0 a character

@@ -28,6 +28,7 @@ def test_yaml_then_overrides(tmp_path):
     ("train.micro_batch_size=0", "train.micro_batch_size: must be at least 1, got 0"),
     ("train.dist_timeout_s=0", "train.dist_timeout_s: must be at least 1, got 0"),
     ("data.val_fraction=1.5", "data.val_fraction: must be in [0, 1)"),
+    ("eval.choose_prior_weight=-0.5", "eval.choose_prior_weight: must be in [0, 2] (0: likelihood_norm; 1: PMI)"),
     ("train=3", "train: expected a section (mapping), got 3"),
     ("train.lr", "must look like section.key=value"),
 ])
