@@ -204,7 +204,7 @@ def setup_data(cfg: Config, tokenizer, accelerator: Accelerator, log: runlog.Run
     log.print(f"poems: {len(data.train_poems)} train, {len(data.val_poems)} validation; "
               f"questions per epoch: {len(data.train_epoch(0))}; validation questions: {len(data.val_examples)}; "
               f"longer than data.max_len, left out: {data.dropped_train[0]} train, {data.dropped_val} validation")
-    return data, sampler, feed.Collator(tokenizer.pad_token_id)
+    return data, sampler, feed.Collator(tokenizer.pad_token_id, choice=cfg.train.choice_loss_weight > 0)
 
 
 def setup(cfg: Config) -> Run:
@@ -300,17 +300,23 @@ def fit(run: Run) -> None:
                        for indices in window]
             # normalise by the target tokens of the whole optimizer step on all ranks: a micro-batch with 3 answer
             # tokens must not weigh as much as one with 300 (a mean of micro-batch means would)
-            counts = torch.tensor([[feed.target_tokens(b), int(b["attention_mask"].sum()), b["input_ids"].numel()]
-                                   for b in batches], device=run.accelerator.device, dtype=torch.float64).sum(0)
-            step_targets, tokens, padded_tokens = run.accelerator.reduce(counts).tolist()
-            loss_total = torch.zeros((), device=run.accelerator.device)
+            counts = torch.tensor([[feed.target_tokens(b), int(b["attention_mask"].sum()), b["input_ids"].numel(),
+                                    feed.choice_examples(b)] for b in batches], device=run.accelerator.device,
+                                  dtype=torch.float64).sum(0)
+            step_targets, tokens, padded_tokens, step_choices = run.accelerator.reduce(counts).tolist()
+            loss_total, choice_total = torch.zeros(2, device=run.accelerator.device)
             for i, batch in enumerate(batches):
                 with run.parallel.gradient_sync(run.loss_model, sync=i == len(batches) - 1):  # once per step
                     with run.monitor.phase("forward"), autocast(cfg.train.precision, run.accelerator.device.type):
-                        loss_sum, _ = run.loss_model(**batch)
+                        loss_sum, _, *choice = run.loss_model(**batch)  # the choice loss's sum, if options came
+                    # DDP and FSDP average gradients over ranks, so each rank's share is scaled back up
+                    objective = loss_sum * run.accelerator.num_processes / step_targets
+                    if choice:  # a mean over the step's emotion examples, as the LM loss is over its targets
+                        objective = objective + (cfg.train.choice_loss_weight * choice[0]
+                                                 * run.accelerator.num_processes / step_choices)
+                        choice_total += choice[0].detach()
                     with run.monitor.phase("backward"):
-                        # DDP and FSDP average gradients over ranks, so each rank's share is scaled back up
-                        run.scaler.scale(loss_sum * run.accelerator.num_processes / step_targets).backward()
+                        run.scaler.scale(objective).backward()
                 loss_total += loss_sum.detach()
                 state.micro_step += 1
             grad_norm = optimizer_step(run)
@@ -321,6 +327,8 @@ def fit(run: Run) -> None:
             run.pace.tokens, run.pace.padded_tokens = run.pace.tokens + tokens, run.pace.padded_tokens + padded_tokens
             run.log.record(state.step, {
                 "train/loss": (run.accelerator.reduce(loss_total) / step_targets).item(),
+                **({"train/choice_loss": (run.accelerator.reduce(choice_total) / step_choices).item()}
+                   if step_choices else {}),
                 "train/lr": run.scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
                 "train/loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else 1.0,
                 "train/skipped_steps": state.skipped, "train/epoch": state.epoch, "train/micro_step": state.micro_step,

@@ -72,6 +72,10 @@ class DataConfig:
     train: str = "data/sample/train-data"  # train-data tree, JSON list or JSONL of training poems
     val_fraction: float = 0.1  # poems held out for validation, chosen by a stable hash of each poem
     split_seed: int = 0
+    # cross-validation (bench/choose.py --folds): the poems dealt into `folds` folds by their stable hash, fold `fold`
+    # (0..folds-1) held out; val_fraction is then ignored. 0 = off: the val_fraction split
+    folds: int = 0
+    fold: int = 0
     max_len: int = 1024  # longer examples are dropped with a counted warning; targets are never cut
     max_items: int = 3  # words / sentences per built question, as in the official eval items
     # also train each poem's right option text after the poem alone: what eval.choose=likelihood* scores
@@ -105,6 +109,10 @@ class TrainConfig:
     warmup_ratio: float = 0.03  # used when warmup_steps is 0
     min_lr_ratio: float = 0.1  # decay floor, as a fraction of lr
     max_grad_norm: float = 1.0  # 0 = no clipping
+    # weight of T-Few's rank-classification loss on emotion examples (poetry.loss.TargetOnlyLoss.choice_loss): the
+    # right option must out-score the distractors, which the LM loss alone never asks; 0 = off. Each emotion example
+    # then costs four more forwards of its poem
+    choice_loss_weight: float = 0.0
     # an inf/NaN gradient skips its step (fp16: the scaler's skip); this many in a row save the last finite state
     # and stop the run, naming the step and the batch
     max_nonfinite_steps: int = 8
@@ -272,9 +280,21 @@ def validate(config: Config, device: str = "cpu", processes: int = 1) -> None:
                           f"got {t.loss_chunk_rows}")
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {config.data.val_fraction}")
+    folds, fold = config.data.folds, config.data.fold
+    if folds < 0 or folds == 1:
+        raise ConfigError(f"data.folds: must be 0 (off) or at least 2, got {folds}")
+    if fold and not folds:
+        raise ConfigError(f"data.fold={fold}: a held-out fold needs data.folds (at least 2)")
+    if folds and not 0 <= fold < folds:
+        raise ConfigError(f"data.fold: must be in [0, {folds - 1}] with data.folds={folds}, got {fold}")
     if not 0 <= config.eval.choose_prior_weight <= 2:
         raise ConfigError(f"eval.choose_prior_weight: must be in [0, 2] (0: likelihood_norm; 1: PMI), got "
                           f"{config.eval.choose_prior_weight}")
+    if t.choice_loss_weight < 0:
+        raise ConfigError(f"train.choice_loss_weight: must be 0 (off) or positive, got {t.choice_loss_weight}")
+    if t.choice_loss_weight and not config.data.emotion_examples:
+        raise ConfigError("train.choice_loss_weight: the choice loss trains on emotion examples; set "
+                          "data.emotion_examples=true or train.choice_loss_weight=0")
     if t.lr <= 0:
         raise ConfigError(f"train.lr: must be positive, got {t.lr}")
     if len(t.betas) != 2:

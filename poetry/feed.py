@@ -32,7 +32,8 @@ class TaskData:
         loaded = load_poems(cfg.train, on_invalid=cfg.on_invalid)
         if loaded.skipped_records:
             log.warning("%s: %s", cfg.train, loaded.summary("poems"))
-        self.train_poems, self.val_poems = split_poems(loaded.records, cfg.val_fraction, cfg.split_seed)
+        self.train_poems, self.val_poems = split_poems(loaded.records, cfg.val_fraction, cfg.split_seed,
+                                                       cfg.folds, cfg.fold)
         if not self.train_poems:
             raise DataError([Issue(cfg.train, None, None, f"no training poems left after the validation split "
                                                           f"(data.val_fraction={cfg.val_fraction})")])
@@ -160,28 +161,65 @@ class Collator:
     empty part of a small global batch) give one pad-token row without targets: a forward and backward that add
     nothing, which the rank needs to join the step's gradient all-reduce.
 
+    With `choice` (train.choice_loss_weight > 0), each emotion example also brings four rows after the batch's own:
+    its prompt followed by each option, whose tokens are the targets of `choice_labels` (the choice loss's, never
+    the LM loss's), with `choice_right` (the right option's index) and `choice_chars` (each option's characters).
+    They cost four forwards of the poem's length per emotion example.
+
     Not transformers' DataCollatorForSeq2Seq, which pads on the tokenizer's side (left for Gemma and Llama), wants a
     list of rows without the `length` column, and took 1.8x as long (tests/test_feed.py compares them)."""
 
     pad_token_id: int
     pad_to_multiple_of: int = 8
+    choice: bool = False
 
     def __call__(self, columns: dict[str, list]) -> dict[str, torch.Tensor]:
         """`columns` as `dataset[indices]` returns them: {"input_ids": [[...], ...], "labels": [[...], ...]}."""
-        rows = list(zip(columns["input_ids"], columns["labels"], strict=True))
-        rows = rows or [([self.pad_token_id], [IGNORE_INDEX])]
-        longest = max(len(ids) for ids, _ in rows)
+        rows = [(ids, labels, None) for ids, labels in zip(columns["input_ids"], columns["labels"], strict=True)]
+        rows = rows or [([self.pad_token_id], [IGNORE_INDEX], None)]
+        options = option_rows(columns) if self.choice and columns["input_ids"] else None
+        if options:
+            rows += [(ids, None, targets) for ids, targets in options["rows"]]
+        longest = max(len(ids) for ids, _, _ in rows)
         width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {"input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),
                  "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
                  "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)}
-        for i, (ids, labels) in enumerate(rows):
+        if options:
+            batch["choice_labels"] = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+            batch["choice_right"] = torch.tensor(options["right"], dtype=torch.long)
+            batch["choice_chars"] = torch.tensor(options["chars"], dtype=torch.float)
+        for i, (ids, labels, choice_labels) in enumerate(rows):
             batch["input_ids"][i, :len(ids)] = torch.tensor(ids)
             batch["attention_mask"][i, :len(ids)] = 1
-            batch["labels"][i, :len(ids)] = torch.tensor(labels)
+            if labels is not None:
+                batch["labels"][i, :len(ids)] = torch.tensor(labels)
+            if choice_labels is not None:
+                batch["choice_labels"][i, :len(ids)] = torch.tensor(choice_labels)
         return batch
+
+
+def option_rows(columns: dict[str, list]) -> dict | None:
+    """For each emotion example among `columns`' rows (choice_right >= 0): its prompt (the ids before its first
+    target) followed by each of its options, as (ids, labels on the option's tokens) rows, four an example in
+    letter order; with each example's right index and options' characters. None when no row is one."""
+    rows, right, chars = [], [], []
+    for ids, labels, options, lengths, correct in zip(columns["input_ids"], columns["labels"], columns["choice_ids"],
+                                                      columns["choice_chars"], columns["choice_right"], strict=True):
+        if correct < 0:
+            continue
+        prompt = ids[:next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)]
+        rows += [(prompt + option, [IGNORE_INDEX] * len(prompt) + option) for option in options]
+        right.append(correct)
+        chars.append(lengths)
+    return {"rows": rows, "right": right, "chars": chars} if right else None
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that carry loss: labels after the causal shift that are not ignored."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def choice_examples(batch: dict[str, torch.Tensor]) -> int:
+    """Emotion examples that carry the choice loss (their option rows: Collator with `choice`)."""
+    return len(batch["choice_right"]) if "choice_right" in batch else 0

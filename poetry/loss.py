@@ -48,28 +48,40 @@ class TargetOnlyLoss(nn.Module):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def target_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        """(the decoder's hidden states where a target is predicted, (target tokens, hidden) instead of (B, T,
-        hidden); the targets after the causal shift, (B, T - 1); the mask of learned ones)."""
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden states, (B, T, hidden), a prompt-learning adapter's virtual tokens before."""
         if self.virtual:
-            hidden = self.virtual.hidden_states(self.decoder, input_ids, attention_mask)
-        else:
-            hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.virtual.hidden_states(self.decoder, input_ids, attention_mask)
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    @staticmethod
+    def target_rows(hidden: torch.Tensor, labels: torch.Tensor):
+        """(the hidden states where a target is predicted, (target tokens, hidden) instead of (B, T, hidden); the
+        targets after the causal shift, (B, T - 1); the mask of learned ones)."""
         targets = labels[:, 1:]
         learned = targets != IGNORE_INDEX
         return hidden[:, :-1][learned], targets, learned
 
+    def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each target token's log-probability, the row it belongs to). Every target row's logits at once: meant
+        for short continuations (an emotion option's few tokens)."""
+        rows, targets, learned = self.target_rows(hidden, labels)
+        logprobs = self.target_logits(rows).log_softmax(-1).gather(1, targets[learned].unsqueeze(1)).squeeze(1)
+        return logprobs, learned.nonzero()[:, 0]
+
     def row_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      labels: torch.Tensor) -> torch.Tensor:
         """Each row's summed log-probability of its targets, (B,): how likely a continuation is, as the loss sees
-        it. Every target row's logits at once: meant for short continuations (an emotion option's few tokens)."""
-        rows, targets, learned = self.target_rows(input_ids, attention_mask, labels)
-        logprobs = self.target_logits(rows).log_softmax(-1).gather(1, targets[learned].unsqueeze(1)).squeeze(1)
-        which = learned.nonzero()[:, 0]  # the row each target token belongs to
-        return logprobs.new_zeros(input_ids.shape[0]).index_add(0, which, logprobs)
+        it."""
+        logprobs, row = self.token_logprobs(self.hidden_states(input_ids, attention_mask), labels)
+        return logprobs.new_zeros(input_ids.shape[0]).index_add(0, row, logprobs)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        rows, targets, learned = self.target_rows(input_ids, attention_mask, labels)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                choice_labels: torch.Tensor | None = None, choice_right: torch.Tensor | None = None,
+                choice_chars: torch.Tensor | None = None):
+        """(summed LM loss, target tokens), and the summed choice loss third when the batch has option rows."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        rows, targets, learned = self.target_rows(hidden, labels)
         # chunking reads lm_head's weight and bias directly, so any other output layer (an adapter on lm_head)
         # runs whole through its own forward
         if self.chunk_rows and type(self.lm_head) is nn.Linear:
@@ -77,7 +89,27 @@ class TargetOnlyLoss(nn.Module):
                                              self.chunk_rows, self.logit_scale, self.softcap)
         else:
             loss_sum = F.cross_entropy(self.target_logits(rows), targets[learned], reduction="sum")
-        return loss_sum, learned.sum()
+        if choice_labels is None:
+            return loss_sum, learned.sum()
+        return loss_sum, learned.sum(), self.choice_loss(hidden, choice_labels, choice_right, choice_chars)
+
+    def choice_loss(self, hidden: torch.Tensor, choice_labels: torch.Tensor, right: torch.Tensor,
+                    chars: torch.Tensor) -> torch.Tensor:
+        """T-Few's rank classification (Liu et al., NeurIPS 2022), summed over the emotion examples: cross-entropy
+        over the four options' log-likelihoods per character (the right one must win, as likelihood_norm picks),
+        plus unlikelihood on the distractors' tokens, -log(1 - p), averaged over each example's distractor tokens.
+        The option rows are the batch's last 4 x examples rows, four an example in letter order."""
+        logprobs, row = self.token_logprobs(hidden, choice_labels)
+        examples = len(right)
+        first = hidden.shape[0] - 4 * examples
+        example, option = (row - first) // 4, (row - first) % 4
+        sums = logprobs.new_zeros(examples, 4).index_put_((example, option), logprobs, accumulate=True)
+        rank = F.cross_entropy(sums / chars, right, reduction="sum")
+        distractor = option != right[example]
+        unlikely = -torch.log1p(-logprobs[distractor].exp().clamp(max=1 - 1e-6))  # p = 1 would be log(0)
+        per_example = logprobs.new_zeros(examples).index_add(0, example[distractor], unlikely)
+        tokens = logprobs.new_zeros(examples).index_add(0, example[distractor], torch.ones_like(unlikely))
+        return rank + (per_example / tokens).sum()
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -172,14 +172,20 @@ class PromptFormat:
         return self.text_ids(render_target(answer)) + self.end_ids
 
     def encode(self, example: Example) -> dict:
+        """input_ids and labels (the prompt masked); an emotion example also carries its four options' ids, their
+        lengths in characters and the right one's index, which the choice loss scores (others carry none, -1)."""
+        options = {"choice_ids": [], "choice_chars": [], "choice_right": -1}
         if example.emotion_only:
             question = example.question
             prompt = self.emotion_prompt_ids(question)
             target = self.text_ids(question.choose[example.answer.choose_id]) + self.end_ids
+            options = {"choice_ids": [self.text_ids(text) for text in question.choose.values()],
+                       "choice_chars": [len(text) for text in question.choose.values()],
+                       "choice_right": list(question.choose).index(example.answer.choose_id)}
         else:
             prompt, target = self.prompt_ids(example.question), self.target_ids(example.answer)
         return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target,
-                "length": len(prompt) + len(target)}
+                "length": len(prompt) + len(target), **options}
 
 
 def tokenize_examples(examples: list[Example], fmt: PromptFormat, max_len: int):
@@ -192,9 +198,14 @@ def tokenize_examples(examples: list[Example], fmt: PromptFormat, max_len: int):
 
     rows = [{"example": i} for i in range(len(examples))]
     fingerprint = hashlib.sha1(repr(examples).encode()).hexdigest()
+    ids = datasets.Sequence(datasets.Value("int64"))
+    # given, not inferred: a first batch whose rows have no options would type choice_ids as lists of nothing
+    features = datasets.Features({"example": datasets.Value("int64"), "input_ids": ids, "labels": ids,
+                                  "length": datasets.Value("int64"), "choice_ids": datasets.Sequence(ids),
+                                  "choice_chars": ids, "choice_right": datasets.Value("int64")})
     encoded = datasets.Dataset.from_list(rows).map(
         lambda row: fmt.encode(examples[row["example"]]),  # `example` stays: which example a row is
-        new_fingerprint=f"{fingerprint[:16]}-{type(fmt.tokenizer).__name__}", desc="tokenizing")
+        features=features, new_fingerprint=f"{fingerprint[:16]}-{type(fmt.tokenizer).__name__}", desc="tokenizing")
     kept = encoded.filter(lambda row: row["length"] <= max_len, new_fingerprint=f"{fingerprint[:16]}-{max_len}")
     if len(kept) < len(encoded):
         log.warning("dropped %d of %d examples longer than data.max_len=%d tokens (targets are never cut)",

@@ -81,11 +81,12 @@ def test_run_directory_checkpoints_and_curves(tiny_model_dir, few_poems, tmp_pat
                                             for k, v in saved.items())
 
 
-def test_resume_is_bitwise_exact(tiny_model_dir, few_poems, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("train.choice_loss_weight=1",)], ids=["lm", "with choice loss"])
+def test_resume_is_bitwise_exact(tiny_model_dir, few_poems, tmp_path, extra):
     """10 steps straight vs 5 steps, a fresh process state, then 5 more: identical adapters (dropout on, epochs
     crossed mid-way, so RNG, sampler and optimizer states all matter)."""
     common = ("train.max_steps=10", "train.save_every=5", "train.keep_last=3", "eval.every=0", "lora.dropout=0.1",
-              "data.val_fraction=0", "train.epochs=10", "data.max_items=3")
+              "data.val_fraction=0", "train.epochs=10", "data.max_items=3", *extra)
     straight = tmp_path / "straight"
     train_script.train(config(tiny_model_dir, few_poems, straight, *common))
     epochs = {m["train/epoch"] for m in metrics(straight)}
@@ -102,6 +103,7 @@ def test_resume_is_bitwise_exact(tiny_model_dir, few_poems, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     resumed_steps = [m["step"] for m in metrics(interrupted) if "train/loss" in m]
     assert resumed_steps == [6, 7, 8, 9, 10]
+    assert any("train/choice_loss" in m for m in metrics(straight)) is bool(extra)
 
 
 def captured_gradients(monkeypatch):
