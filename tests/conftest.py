@@ -73,6 +73,22 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer(str(tiny_model_dir))
 
 
+@pytest.fixture(scope="session")
+def fmt(tokenizer):
+    """The prompt format of the tiny Qwen3 (ChatML)."""
+    from poetry.prompt import PromptFormat
+
+    return PromptFormat(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def sample_questions():
+    """The first three questions of the sample eval set."""
+    from poetry.data import load_questions
+
+    return load_questions(SAMPLE / "eval.json").records[:3]
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Decoding runs thousands of tiny forwards: on a shared 2-core machine two torch threads fighting other jobs

@@ -11,25 +11,12 @@ from poetry import choice
 from poetry.builtin.tiny import ARCHITECTURES
 from poetry.choice import answer_questions, letter_pick, option_logliks
 from poetry.config import ModelConfig
-from poetry.data import OPTION_LETTERS, Question, check_submission, load_questions
+from poetry.data import OPTION_LETTERS, Question, check_submission
 from poetry.model import load_model
-from poetry.prompt import PromptFormat
-
-from conftest import SAMPLE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 OPTIONS = {"A": "惜别的怅惘", "B": "欢快的重逢", "C": "豪迈的报国之志", "D": "闲适"}
-
-
-@pytest.fixture(scope="module")
-def fmt(tokenizer):
-    return PromptFormat(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def questions():
-    return load_questions(SAMPLE / "eval.json").records[:3]
 
 
 def full_sequence_logliks(model, fmt, question: Question) -> dict[str, float]:
@@ -46,14 +33,14 @@ def full_sequence_logliks(model, fmt, question: Question) -> dict[str, float]:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_option_logliks_equal_the_full_sequence_computation(family_models, fmt, questions, arch, batch_size):
+def test_option_logliks_equal_the_full_sequence_computation(family_models, fmt, sample_questions, arch, batch_size):
     """Several questions' options in one forward, rows of different lengths padded on the right; Gemma's sliding
     window (24 slots) is far shorter than the prompt. A question without options gets none."""
     model = family_models[arch]
     one_token = {**OPTIONS, "D": "悲"}
     assert len(fmt.text_ids("悲")) == 1
-    asked = [*questions, replace(questions[0], choose=OPTIONS), replace(questions[1], choose={}),
-             replace(questions[1], choose=one_token)]
+    asked = [*sample_questions, replace(sample_questions[0], choose=OPTIONS), replace(sample_questions[1], choose={}),
+             replace(sample_questions[1], choose=one_token)]
     got = option_logliks(model, fmt, asked, batch_size)
     assert len(got) == len(asked) and got[4] == {}
     for question, scores in zip(asked, got, strict=True):
@@ -62,7 +49,7 @@ def test_option_logliks_equal_the_full_sequence_computation(family_models, fmt, 
             assert scores == pytest.approx(full_sequence_logliks(model, fmt, question), abs=1e-4)
 
 
-def test_option_priors_score_each_distinct_text_once_after_the_cue_alone(family_models, fmt, questions,
+def test_option_priors_score_each_distinct_text_once_after_the_cue_alone(family_models, fmt, sample_questions,
                                                                           monkeypatch):
     model, scored = family_models["gemma3"], []
     continuation_logliks = choice.continuation_logliks
@@ -72,20 +59,21 @@ def test_option_priors_score_each_distinct_text_once_after_the_cue_alone(family_
         return continuation_logliks(model, pairs, rows)
 
     monkeypatch.setattr(choice, "continuation_logliks", counting)
-    texts = [text for q in [*questions, questions[0]] for text in q.choose.values()]  # the first poem's twice
+    twice = [*sample_questions, sample_questions[0]]  # the first poem's options twice
+    texts = [text for q in twice for text in q.choose.values()]
     priors = choice.option_priors(model, fmt, texts, batch_size=2)
     assert sorted(priors) == sorted(set(texts)) and len(scored) == len(set(texts)) < len(texts)
     cue = fmt.emotion_cue_ids()
-    blank = replace(questions[0], choose={"A": texts[0], "B": texts[5]})
+    blank = replace(sample_questions[0], choose={"A": texts[0], "B": texts[5]})
     monkeypatch.setattr(fmt, "emotion_prompt_ids", lambda question: cue)  # the full computation after the cue
     expected = full_sequence_logliks(model, fmt, blank)
     assert priors[texts[0]] == pytest.approx(expected["A"], abs=1e-4)
     assert priors[texts[5]] == pytest.approx(expected["B"], abs=1e-4)
 
 
-def test_pmi_takes_each_options_prior_away_per_character(family_models, fmt, questions, monkeypatch):
+def test_pmi_takes_each_options_prior_away_per_character(family_models, fmt, sample_questions, monkeypatch):
     """(log P(o | poem, cue) - λ log P(o | cue)) / characters: the option likely whatever the poem loses its lead."""
-    question = replace(questions[0], choose={"A": "思乡之情", "B": "喜悦", "C": "孤独寂寞", "D": "闲适"})
+    question = replace(sample_questions[0], choose={"A": "思乡之情", "B": "喜悦", "C": "孤独寂寞", "D": "闲适"})
     monkeypatch.setattr(choice, "option_logliks", lambda *args: [{"A": -4.0, "B": -3.0, "C": -6.0, "D": -5.0}])
     monkeypatch.setattr(choice, "option_priors",
                         lambda *args: {"思乡之情": -2.0, "喜悦": -6.0, "孤独寂寞": -3.0, "闲适": -4.0})
@@ -115,30 +103,30 @@ def trained_to_prefer(model, fmt, question: Question, letter: str, steps: int = 
 
 
 @pytest.mark.parametrize("method", ["likelihood", "likelihood_norm"])
-def test_likelihood_picks_the_option_a_model_was_trained_to_prefer(tiny_model_dir, fmt, questions, method):
+def test_likelihood_picks_the_option_a_model_was_trained_to_prefer(tiny_model_dir, fmt, sample_questions, method):
     base = load_model(ModelConfig(path=str(tiny_model_dir), dtype="fp32"), for_training=False)
-    question = replace(questions[0], choose=OPTIONS)
+    question = replace(sample_questions[0], choose=OPTIONS)
     for letter in ("B", "D"):
         model = trained_to_prefer(base, fmt, question, letter)
         (decoded,) = answer_questions(model, fmt, [question], max_new_tokens=4, method=method)
         assert decoded.answer.choose_id == letter
 
 
-def test_the_method_changes_choose_id_only(family_models, fmt, questions):
+def test_the_method_changes_choose_id_only(family_models, fmt, sample_questions):
     model = family_models["qwen3"]
-    answers = {method: [d.answer for d in answer_questions(model, fmt, questions, 2, 4, method=method)]
+    answers = {method: [d.answer for d in answer_questions(model, fmt, sample_questions, 2, 4, method=method)]
                for method in choice.METHODS}
     for method, got in answers.items():
-        check_submission(questions, got, f"<{method}>")
+        check_submission(sample_questions, got, f"<{method}>")
         assert [replace(a, choose_id=None) for a in got] == [replace(a, choose_id=None) for a in answers["letter"]]
 
 
-def test_calibration_subtracts_the_content_free_prior(family_models, fmt, questions, monkeypatch):
+def test_calibration_subtracts_the_content_free_prior(family_models, fmt, sample_questions, monkeypatch):
     prior = {"A": -0.1, "B": -3.0, "C": -3.0, "D": -3.0}
     monkeypatch.setattr(choice, "content_free_prior", lambda *args: prior)
-    pick = letter_pick(family_models["qwen3"], fmt, questions, "letter_calibrated", 4)
+    pick = letter_pick(family_models["qwen3"], fmt, sample_questions, "letter_calibrated", 4)
     assert pick(0, {"A": -0.5, "B": -1.5, "C": -2.5, "D": -3.5}) == "B"  # A's lead is its prior
-    assert letter_pick(family_models["qwen3"], fmt, questions, "letter", 4)(0, {"A": -0.5, "B": -1.5}) == "A"
+    assert letter_pick(family_models["qwen3"], fmt, sample_questions, "letter", 4)(0, {"A": -0.5, "B": -1.5}) == "A"
 
 
 def test_the_content_free_prior_is_a_distribution_over_the_letters(family_models, fmt):
@@ -147,14 +135,14 @@ def test_the_content_free_prior_is_a_distribution_over_the_letters(family_models
     assert sum(torch.tensor(list(prior.values())).exp()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_length_normalisation_is_per_character(family_models, fmt, questions, monkeypatch):
-    question = replace(questions[0], choose={"A": "悲", "B": "欢快的重逢", "C": "豪迈", "D": "闲适之乐"})
+def test_length_normalisation_is_per_character(family_models, fmt, sample_questions, monkeypatch):
+    question = replace(sample_questions[0], choose={"A": "悲", "B": "欢快的重逢", "C": "豪迈", "D": "闲适之乐"})
     monkeypatch.setattr(choice, "option_logliks", lambda *args: [{"A": -3.0, "B": -5.0, "C": -4.0, "D": -6.0}])
     model = family_models["qwen3"]
     assert letter_pick(model, fmt, [question], "likelihood", 4)(0, {}) == "A"
     assert letter_pick(model, fmt, [question], "likelihood_norm", 4)(0, {}) == "B"  # -1.0 a character
 
 
-def test_an_unknown_method_is_refused(family_models, fmt, questions):
+def test_an_unknown_method_is_refused(family_models, fmt, sample_questions):
     with pytest.raises(ValueError, match="unknown choice method 'vote'"):
-        letter_pick(family_models["qwen3"], fmt, questions, "vote", 4)
+        letter_pick(family_models["qwen3"], fmt, sample_questions, "vote", 4)

@@ -5,28 +5,17 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_loss import lora_model
 
 from poetry.choice import option_logliks
 from poetry.config import ConfigError, LoraConfig, ModelConfig, load_config
-from poetry.data import Answer, Example, load_questions
+from poetry.data import Answer, Example
 from poetry.feed import Collator, choice_examples, target_tokens
 from poetry.loss import TargetOnlyLoss
 from poetry.model import add_lora, load_model
-from poetry.prompt import IGNORE_INDEX, PromptFormat
-
-from conftest import SAMPLE
+from poetry.prompt import IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def fmt(tokenizer):
-    return PromptFormat(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def questions():
-    return load_questions(SAMPLE / "eval.json").records[:3]
 
 
 def emotion_example(question, letter: str) -> Example:
@@ -37,15 +26,6 @@ def columns(fmt, examples: list[Example]) -> dict[str, list]:
     """What `dataset[indices]` gives the collator for these examples."""
     rows = [fmt.encode(example) for example in examples]
     return {key: [row[key] for row in rows] for key in rows[0]}
-
-
-def lora_model(path, seed: int = 1):
-    model = add_lora(load_model(ModelConfig(path=str(path), dtype="fp32")), LoraConfig(dropout=0.0))
-    torch.manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero; random B makes the adapter matter
-            param.data.normal_(0, 0.05)
-    return model
 
 
 def by_hand(model, fmt, examples: list[Example]) -> torch.Tensor:
@@ -66,16 +46,16 @@ def by_hand(model, fmt, examples: list[Example]) -> torch.Tensor:
     return total
 
 
-def test_the_collator_adds_four_option_rows_per_emotion_example(fmt, questions):
-    examples = [Example(questions[0], Answer(0, {}, {}, "B")), emotion_example(questions[1], "C"),
-                emotion_example(questions[2], "A")]
+def test_the_collator_adds_four_option_rows_per_emotion_example(fmt, sample_questions):
+    examples = [Example(sample_questions[0], Answer(0, {}, {}, "B")), emotion_example(sample_questions[1], "C"),
+                emotion_example(sample_questions[2], "A")]
     batch = Collator(fmt.tokenizer.pad_token_id, choice=True)(columns(fmt, examples))
     assert batch["input_ids"].shape[0] == 3 + 8 and choice_examples(batch) == 2
     assert batch["choice_right"].tolist() == [2, 0]
-    assert batch["choice_chars"].tolist() == [[len(t) for t in q.choose.values()] for q in questions[1:]]
+    assert batch["choice_chars"].tolist() == [[len(t) for t in q.choose.values()] for q in sample_questions[1:]]
     assert (batch["labels"][3:] == IGNORE_INDEX).all() and (batch["choice_labels"][:3] == IGNORE_INDEX).all()
-    prompt = fmt.emotion_prompt_ids(questions[2])
-    for k, text in enumerate(questions[2].choose.values()):  # the second example's rows, in letter order
+    prompt = fmt.emotion_prompt_ids(sample_questions[2])
+    for k, text in enumerate(sample_questions[2].choose.values()):  # the second example's rows, in letter order
         row = 3 + 4 + k
         length = int(batch["attention_mask"][row].sum())
         assert batch["input_ids"][row, :length].tolist() == prompt + fmt.text_ids(text)
@@ -86,10 +66,10 @@ def test_the_collator_adds_four_option_rows_per_emotion_example(fmt, questions):
     assert target_tokens(plain) == target_tokens(batch)  # the option rows carry no LM targets
 
 
-def test_choice_loss_and_gradients_equal_the_hand_computation(tiny_model_dir, fmt, questions):
+def test_choice_loss_and_gradients_equal_the_hand_computation(tiny_model_dir, fmt, sample_questions):
     model = lora_model(tiny_model_dir)
-    examples = [Example(questions[0], Answer(0, {}, {}, "B")), emotion_example(questions[1], "C"),
-                emotion_example(questions[2], "A")]
+    examples = [Example(sample_questions[0], Answer(0, {}, {}, "B")), emotion_example(sample_questions[1], "C"),
+                emotion_example(sample_questions[2], "A")]
     batch = Collator(fmt.tokenizer.pad_token_id, choice=True)(columns(fmt, examples))
     trained = [p for p in model.parameters() if p.requires_grad]
 
@@ -103,9 +83,9 @@ def test_choice_loss_and_gradients_equal_the_hand_computation(tiny_model_dir, fm
     assert any(b.abs().sum() > 0 for b in expected_grads)
 
 
-def test_the_lm_loss_is_the_same_with_option_rows_in_the_batch(tiny_model_dir, fmt, questions):
+def test_the_lm_loss_is_the_same_with_option_rows_in_the_batch(tiny_model_dir, fmt, sample_questions):
     model = lora_model(tiny_model_dir)
-    examples = [Example(questions[0], Answer(0, {}, {}, "B")), emotion_example(questions[1], "C")]
+    examples = [Example(sample_questions[0], Answer(0, {}, {}, "B")), emotion_example(sample_questions[1], "C")]
     with torch.no_grad():
         plain = TargetOnlyLoss(model)(**Collator(fmt.tokenizer.pad_token_id)(columns(fmt, examples)))
         with_options = TargetOnlyLoss(model)(**Collator(fmt.tokenizer.pad_token_id, choice=True)(
@@ -152,11 +132,11 @@ def trained(tiny_model_dir, fmt, question, choice_weight: float, steps: int = 15
     return model.eval()
 
 
-def test_the_choice_loss_teaches_the_cue_where_the_lm_loss_learns_the_prior(tiny_model_dir, fmt, questions):
+def test_the_choice_loss_teaches_the_cue_where_the_lm_loss_learns_the_prior(tiny_model_dir, fmt, sample_questions):
     """15 full-batch steps: the LM loss alone has learnt the frequent text (by 20 steps it reads the cue too, on
     these ten poems); with the choice loss the same steps already pick by the cue."""
-    lm_only = picks_by_the_cue(trained(tiny_model_dir, fmt, questions[0], 0.0), fmt, questions[0])
-    with_choice = picks_by_the_cue(trained(tiny_model_dir, fmt, questions[0], 1.0), fmt, questions[0])
+    lm_only = picks_by_the_cue(trained(tiny_model_dir, fmt, sample_questions[0], 0.0), fmt, sample_questions[0])
+    with_choice = picks_by_the_cue(trained(tiny_model_dir, fmt, sample_questions[0], 1.0), fmt, sample_questions[0])
     assert lm_only[0] >= 7 / 8  # the frequent text, whatever the cue
     assert with_choice[1] >= 7 / 8 and with_choice[1] - lm_only[1] >= 3 / 8
 
@@ -169,9 +149,9 @@ def test_the_choice_loss_needs_emotion_examples():
         load_config(None, ["train.choice_loss_weight=-1"])
 
 
-def test_an_unlikelihood_term_never_takes_the_log_of_zero(tiny_model_dir, fmt, questions):
+def test_an_unlikelihood_term_never_takes_the_log_of_zero(tiny_model_dir, fmt, sample_questions):
     model = lora_model(tiny_model_dir)
-    batch = Collator(fmt.tokenizer.pad_token_id, choice=True)(columns(fmt, [emotion_example(questions[0], "A")]))
+    batch = Collator(fmt.tokenizer.pad_token_id, choice=True)(columns(fmt, [emotion_example(sample_questions[0], "A")]))
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(1e4)  # near-certain tokens: p rounds to 1 in fp32
         _, _, value = TargetOnlyLoss(model)(**batch)

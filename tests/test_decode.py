@@ -41,11 +41,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def fmt(tokenizer):
-    return PromptFormat(tokenizer)
-
-
-@pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return load_model(ModelConfig(path=str(tiny_model_dir), dtype="fp32"), for_training=False)
 
