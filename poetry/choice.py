@@ -96,14 +96,24 @@ def letter_pick(model, fmt: PromptFormat, questions: list[Question], method: str
     if method == "letter_calibrated":
         prior = content_free_prior(model, fmt, max_new_tokens)
         return lambda position, logprobs: max(logprobs, key=lambda letter: logprobs[letter] - prior[letter])
-    scores = option_logliks(model, fmt, questions, batch_size)
+    logliks = option_logliks(model, fmt, questions, batch_size)
+    priors = option_priors(model, fmt, [text for q in questions for text in q.choose.values()], batch_size) \
+        if method == "likelihood_pmi" else {}
+    scores = likelihood_scores(questions, logliks, priors, method, prior_weight)
+    return lambda position, logprobs: max(scores[position], key=scores[position].get)
+
+
+def likelihood_scores(questions: list[Question], logliks: list[dict[str, float]], priors: dict[str, float],
+                      method: str, prior_weight: float = 1.0) -> list[dict[str, float]]:
+    """What a likelihood method ranks each question's options by, from their summed log-probabilities (option_logliks)
+    and, for likelihood_pmi, their priors (option_priors)."""
+    scores = logliks
     if method == "likelihood_pmi":
-        prior = option_priors(model, fmt, [text for q in questions for text in q.choose.values()], batch_size)
-        scores = [{k: s - prior_weight * prior[q.choose[k]] for k, s in per.items()}
+        scores = [{k: s - prior_weight * priors[q.choose[k]] for k, s in per.items()}
                   for q, per in zip(questions, scores, strict=True)]
     if method in ("likelihood_norm", "likelihood_pmi"):
         scores = [{k: s / len(q.choose[k]) for k, s in per.items()} for q, per in zip(questions, scores, strict=True)]
-    return lambda position, logprobs: max(scores[position], key=scores[position].get)
+    return scores
 
 
 def answer_questions(model, fmt: PromptFormat, questions: list[Question], batch_size: int = 8,

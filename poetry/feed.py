@@ -35,8 +35,10 @@ class TaskData:
         self.train_poems, self.val_poems = split_poems(loaded.records, cfg.val_fraction, cfg.split_seed,
                                                        cfg.folds, cfg.fold)
         if not self.train_poems:
+            split = f"data.folds={cfg.folds}, data.fold={cfg.fold}" if cfg.folds else \
+                f"data.val_fraction={cfg.val_fraction}"
             raise DataError([Issue(cfg.train, None, None, f"no training poems left after the validation split "
-                                                          f"(data.val_fraction={cfg.val_fraction})")])
+                                                          f"({split})")])
         self.builder = QuestionBuilder(self.train_poems, seed=seed, max_items=cfg.max_items,
                                        emotion_examples=cfg.emotion_examples)
         self._epochs: dict = {}

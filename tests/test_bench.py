@@ -1,12 +1,14 @@
 """The benchmarks keep running, and the methods they compare keep agreeing (tiny model, one round each)."""
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SAMPLE
 
 
 def run(script: str, *args: str) -> str:
@@ -73,18 +75,142 @@ def test_memory_benchmark_sets_the_estimate_against_a_measured_peak(tiny_model_d
         assert measured["estimate_gb"] > measured["process_gb"]
 
 
+CHOOSE_LABELS = ["letter", "letter_calibrated", "likelihood", "likelihood_norm", "likelihood_pmi λ=0",
+                 "likelihood_pmi λ=0.5", "likelihood_pmi λ=1"]
+
+
+def choose(*args: str) -> subprocess.CompletedProcess:
+    """bench/choose.py on one torch thread: on a shared 2-core machine two threads ran its tiny decodes ~3x slower."""
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "choose.py"), "--max-new-tokens", "2", "--dtype",
+                           "fp32", *args], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def row_name(row: dict) -> str:
+    return row["method"] + (f" λ={row['prior_weight']:g}" if row["prior_weight"] is not None else "")
+
+
+def assert_row(row: dict, questions: int) -> None:
+    """A row's counts add up: accuracy inside its interval, letters, halves and valence table over every question."""
+    assert row["questions"] == questions and sum(row["letters"].values()) == questions
+    assert row["ci95"][0] <= row["accuracy"] == row["right"] / questions <= row["ci95"][1]
+    assert sum(half["questions"] for half in row["halves"].values()) == questions
+    assert sum(half["right"] for half in row["halves"].values()) == row["right"]
+    assert sum(n for picked in row["valence"].values() for n in picked.values()) == questions
+
+
 def test_choose_benchmark_scores_every_method_with_an_interval(tiny_model_dir, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "choose.py"), "--model", str(tiny_model_dir),
-                             "--questions", "data/sample/eval.json", "--gold", "data/sample/eval_gold.json",
-                             "--max-new-tokens", "2", "--dtype", "fp32", "--label", "tiny", "--results-dir",
-                             str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = choose("--model", str(tiny_model_dir), "--questions", "data/sample/eval.json", "--gold",
+                    "data/sample/eval_gold.json", "--label", "tiny", "--results-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     [saved] = tmp_path.glob("choose-*.json")
     rows = json.loads(saved.read_text(encoding="utf-8"))["rows"]
-    assert [row["method"] for row in rows] == ["letter", "letter_calibrated", "likelihood", "likelihood_norm"]
+    assert [row_name(row) for row in rows] == CHOOSE_LABELS
     for row in rows:
-        assert row["questions"] == 14 and sum(row["letters"].values()) == 14
-        assert row["ci95"][0] <= row["accuracy"] == row["right"] / 14 <= row["ci95"][1]
+        assert_row(row, 14)
+
+
+def test_choose_benchmark_cross_validates_over_folds(tiny_model_dir, few_poems, tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from bench import choose as bench_choose
+    from poetry.data import load_poems
+
+    def first(path, count: int, name: str) -> str:
+        """The first `count` items of a JSON list, as a file of their own."""
+        (tmp_path / name).write_text(json.dumps(json.loads(path.read_text(encoding="utf-8"))[:count],
+                                                ensure_ascii=False), encoding="utf-8")
+        return str(tmp_path / name)
+
+    balanced = ROOT / "data" / "balanced"  # its first two questions: one cheerful, one sorrowful
+    also = first(balanced / "eval.json", 2, "also.json"), first(balanced / "eval_gold.json", 2, "also_gold.json")
+    data, runs = first(few_poems, 4, "poems.json"), tmp_path / "runs"
+    common = ["--folds", "2", "--model", str(tiny_model_dir), "--data", data, "--runs-dir", str(runs),
+              "--results-dir", str(tmp_path)]
+    one_step = ["--train-overrides", "train.max_steps=1", "train.micro_batch_size=1", "train.grad_accum=1",
+                "eval.loss=false", "eval.decode=false", "log.curves=false", "model.gradient_checkpointing=false"]
+    result = choose(*common, "--also-questions", also[0], "--also-gold", also[1], *one_step)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [saved] = tmp_path.glob("choose-*.json")
+    results = json.loads(saved.read_text(encoding="utf-8"))
+    poems = load_poems(data).records
+    assert sum(results["held_out_poems"]) == len(poems)
+    scored = results["scored"]
+    assert sorted(poem["title"] for poem in scored) == sorted(p.title for p in poems if p.emotion)
+    assert {poem["fold"] for poem in scored} == {0, 1} and results["poems"] == len(scored)
+    assert all(poem["zero-shot"].keys() == poem["fine-tuned"].keys() == set(CHOOSE_LABELS) for poem in scored)
+    assert [(row["model"], row_name(row)) for row in results["rows"]] == \
+        [(model, label) for model in ("zero-shot", "fine-tuned") for label in CHOOSE_LABELS]
+    for row in results["rows"]:
+        assert_row(row, len(scored))
+    assert [Path(adapter).parent.parent.name for adapter in results["adapters"]] == ["fold-0", "fold-1"]
+    balanced_rows = results["also"]
+    for row in [*balanced_rows["zero_shot"], *(row for rows in balanced_rows["fine_tuned_per_fold"] for row in rows)]:
+        assert_row(row, 2)
+        assert {half: part["questions"] for half, part in row["halves"].items()} == {"cheerful": 1, "sorrowful": 1}
+    assert [row_name(row) for row in balanced_rows["fine_tuned_mean"]] == CHOOSE_LABELS
+    # a fold trained already is not trained again; its run directory answers only to the arguments it was trained by
+    monkeypatch.setattr(bench_choose.subprocess, "run", lambda *args, **kwargs: pytest.fail("trained again"))
+    assert bench_choose.train_fold(bench_choose.parse_args([*common, *one_step]), 1) == Path(results["adapters"][1])
+    monkeypatch.undo()
+    again = choose(*common, "--train-overrides", "train.max_steps=2")
+    assert again.returncode == 1 and again.stderr.strip().splitlines()[-1].startswith(f"error: {runs / 'fold-0'} was "
+                                                                                     f"trained with other arguments")
+
+
+def test_choose_benchmark_derives_the_likelihood_picks_as_letter_pick_does(tiny_model_dir, fmt, one_torch_thread):
+    sys.path.insert(0, str(ROOT))
+    from bench.choose import from_files, likelihood_letters
+    from poetry import choice
+    from poetry.config import ModelConfig
+    from poetry.model import load_model
+
+    questions, _ = from_files(str(SAMPLE / "eval.json"), str(SAMPLE / "eval_gold.json"))
+    model = load_model(ModelConfig(path=str(tiny_model_dir), dtype="fp32"), for_training=False)
+    logliks = choice.option_logliks(model, fmt, questions)
+    priors = choice.option_priors(model, fmt, [text for q in questions for text in q.choose.values()])
+    derived = {}
+    for method, weight in [("likelihood", None), ("likelihood_norm", None), ("likelihood_pmi", 0.0),
+                           ("likelihood_pmi", 0.5), ("likelihood_pmi", 1.0)]:
+        pick = choice.letter_pick(model, fmt, questions, method, 2, prior_weight=weight if weight is not None else 1)
+        derived[method, weight] = likelihood_letters(questions, logliks, priors, method, weight)
+        assert derived[method, weight] == [pick(i, {}) for i in range(len(questions))], (method, weight)
+    assert len(set(map(tuple, derived.values()))) >= 3  # the methods pick apart, so each comparison tells
+
+
+def hand_made(gold: list[str], picks: list[str]):
+    """Questions whose options have a known valence each: A positive, B negative, C calm, D none."""
+    sys.path.insert(0, str(ROOT))
+    from bench.choose import Scored
+    from poetry.data import Question
+
+    options = {"A": "喜悦", "B": "悲伤", "C": "平静", "D": "山水"}
+    questions = [Question(i, f"诗{i}", "诗句。", (), (), options) for i in range(len(gold))]
+    return Scored(questions, gold, {"likelihood_norm": picks})
+
+
+def test_valence_confusion_and_halves_of_hand_made_picks():
+    from bench.choose import accuracy_row, pooled, rows_of
+
+    first, second = hand_made(["A", "B", "C"], ["B", "B", "A"]), hand_made(["D", "A"], ["B", "A"])
+    whole = pooled([first, second])
+    assert whole.gold == ["A", "B", "C", "D", "A"] and whole.picks == {"likelihood_norm": ["B", "B", "A", "B", "A"]}
+    row = accuracy_row("likelihood_norm", whole.questions, whole.gold, whole.picks["likelihood_norm"])
+    assert row["valence"] == {"positive": {"positive": 1, "negative": 1}, "calm": {"positive": 1},
+                              "negative": {"negative": 1}, "none": {"negative": 1}}
+    assert {half: (part["right"], part["questions"]) for half, part in row["halves"].items()} == \
+        {"cheerful": (1, 3), "sorrowful": (1, 1), "none": (0, 1)}
+    assert (row["right"], row["questions"], row["letters"]) == (2, 5, {"A": 2, "B": 3})
+    assert rows_of(whole) == [row] and row["method"] == "likelihood_norm" and row["prior_weight"] is None
+
+
+def test_mean_over_folds_averages_each_half():
+    from bench.choose import mean_over_folds, rows_of
+
+    folds = [rows_of(hand_made(["A", "B"], picks)) for picks in (["A", "B"], ["A", "A"], ["C", "A"])]
+    [mean] = mean_over_folds(folds)
+    assert mean["accuracy"] == pytest.approx(0.5)
+    assert mean["halves"] == {"cheerful": {"accuracy": pytest.approx(2 / 3)},
+                              "sorrowful": {"accuracy": pytest.approx(1 / 3)}}
 
 
 def test_wilson_interval():
@@ -102,9 +228,10 @@ def test_choose_benchmark_builds_the_held_out_questions_of_a_config():
     from poetry.data import load_poems, split_poems, validation_examples
 
     config = ROOT / "configs" / "tiny.yaml"
-    questions, gold = held_out(config, ROOT)
+    [(questions, gold, poems)] = held_out(config, ROOT, [[]])
     cfg = load_config(config)
     _, val = split_poems(load_poems(ROOT / cfg.data.train).records, cfg.data.val_fraction, cfg.data.split_seed)
+    assert poems == len(val)
     expected = [e for e in validation_examples(val, cfg.train.seed, cfg.data.max_items) if e.question.choose]
     assert [q.choose for q in questions] == [e.question.choose for e in expected] and len(questions) > 5
     assert [q.qa_words for q in questions] == [e.question.qa_words for e in expected]

@@ -28,6 +28,8 @@ def test_yaml_then_overrides(tmp_path):
     ("train.micro_batch_size=0", "train.micro_batch_size: must be at least 1, got 0"),
     ("train.dist_timeout_s=0", "train.dist_timeout_s: must be at least 1, got 0"),
     ("data.val_fraction=1.5", "data.val_fraction: must be in [0, 1)"),
+    ("data.folds=1", "data.folds: must be 0 (off) or at least 2, got 1"),
+    ("data.fold=2", "data.fold=2: a held-out fold needs data.folds (at least 2)"),
     ("eval.choose_prior_weight=-0.5", "eval.choose_prior_weight: must be in [0, 2] (0: likelihood_norm; 1: PMI)"),
     ("train=3", "train: expected a section (mapping), got 3"),
     ("train.lr", "must look like section.key=value"),
@@ -36,6 +38,12 @@ def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert message in str(info.value)
+
+
+def test_a_held_out_fold_is_one_of_the_folds():
+    assert load_config(None, ["data.folds=4", "data.fold=3"]).data.fold == 3
+    with pytest.raises(ConfigError, match=r"data\.fold: must be in \[0, 3\] with data\.folds=4, got 4"):
+        load_config(None, ["data.folds=4", "data.fold=4"])
 
 
 def test_file_errors_name_the_file(tmp_path):

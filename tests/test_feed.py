@@ -1,9 +1,12 @@
 """What the loop is fed: the run's tokenised questions, the length-bucketed sampler and the collator."""
+import json
+
 import pytest
 import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
 from poetry.config import DataConfig
+from poetry.data import DataError
 from poetry.feed import Collator, LengthBucketBatchSampler, TaskData, target_tokens
 from poetry.prompt import IGNORE_INDEX, PromptFormat
 
@@ -168,3 +171,12 @@ def test_overlong_questions_are_counted(few_poems, tokenizer):
     assert cut.dropped_train == {0: sum(n > limit for n in train_lengths)} and cut.dropped_train[0] > 0
     assert cut.dropped_val == sum(n > limit for n in val_lengths)
     assert len(cut.val_dataset) + cut.dropped_val == len(cut.val_examples)
+
+
+def test_a_fold_that_leaves_no_training_poems_is_named(tokenizer, tmp_path):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps([{"title": "静夜思", "content": "床前明月光，疑是地上霜。", "keywords": {},
+                                "trans": "床前洒满月光，好像地上结了霜。", "emotion": "思乡"}], ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(DataError, match=r"no training poems left after the validation split \(data.folds=2, "
+                                        r"data.fold=0\)"):
+        TaskData(DataConfig(train=str(one), folds=2, fold=0), PromptFormat(tokenizer), seed=0)

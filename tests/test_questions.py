@@ -6,6 +6,8 @@ import pytest
 from poetry.data import Poem, QuestionBuilder, align_sentences, clauses, load_poems, split_poems
 from poetry.data.emotions import PHRASE_BANK, option_text, shares_content
 
+from conftest import SAMPLE
+
 EMOTIONS = ["离别，思念", "思乡", "闲适、自得", "壮志难酬的悲愤", "怀古与感慨", "相思", "喜悦", "思念与孤独", None]
 
 
@@ -128,3 +130,19 @@ def test_split_is_stable_disjoint_and_complete(shared_train):
     train2, val2 = split_poems(list(reversed(poems)), 0.1, seed=0)
     assert {p.key for p in val2} == {p.key for p in val}
     assert {p.key for p in split_poems(poems, 0.1, seed=1)[1]} != {p.key for p in val}
+
+
+def test_folds_hold_every_poem_out_once_in_balanced_disjoint_folds():
+    poems = load_poems(SAMPLE / "train-data").records
+    poems = [*poems, replace(poems[5], source="a copy")]  # a poem twice, as two official poems are
+    held_out = [split_poems(poems, 0.1, seed=0, folds=4, fold=i) for i in range(4)]
+    assert sorted(p.source for _, val in held_out for p in val) == sorted(p.source for p in poems)
+    for train, val in held_out:
+        assert len(train) + len(val) == len(poems) and not {p.key for p in train} & {p.key for p in val}
+    sizes = [len({p.key for p in val}) for _, val in held_out]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(poems) - 1
+    reordered = split_poems(list(reversed(poems)), 0.1, seed=0, folds=4, fold=2)[1]
+    assert {p.key for p in reordered} == {p.key for p in held_out[2][1]}
+    assert {p.key for p in split_poems(poems, 0.1, seed=1, folds=4, fold=2)[1]} != {p.key for p in held_out[2][1]}
+    with pytest.raises(ValueError, match="fold in \\[0, 3\\]"):
+        split_poems(poems, 0.1, folds=4, fold=4)

@@ -31,7 +31,7 @@ def export_val(args, console: Console) -> None:
     """Only complete questions (words, sentences and options) are exported: the official format requires all three."""
     cfg = load_config(args.config, args.overrides)
     poems = load_poems(cfg.data.train, on_invalid=cfg.data.on_invalid).records
-    _, val = split_poems(poems, cfg.data.val_fraction, cfg.data.split_seed)
+    _, val = split_poems(poems, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.folds, cfg.data.fold)
     examples = [e for e in validation_examples(val, cfg.train.seed, cfg.data.max_items)
                 if e.question.qa_words and e.question.qa_sents and e.question.choose]
     out = Path(args.out)

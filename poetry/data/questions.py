@@ -113,9 +113,16 @@ class QuestionBuilder:
         return [example for poem in self.poems for example in self.examples(poem, epoch)]
 
 
-def split_poems(poems: list[Poem], val_fraction: float, seed: int = 0) -> tuple[list[Poem], list[Poem]]:
+def split_poems(poems: list[Poem], val_fraction: float, seed: int = 0, folds: int = 0,
+                fold: int = 0) -> tuple[list[Poem], list[Poem]]:
     """Deterministic train/validation split by a stable hash of each poem: the same poem lands on the same side on
-    any machine and in any file order, and no poem is on both sides."""
+    any machine and in any file order, and no poem is on both sides. With `folds` (K >= 2), fold `fold` of
+    poem_folds() is held out instead and val_fraction is ignored: over the K folds every poem is held out once."""
+    if folds:
+        if folds < 2 or not 0 <= fold < folds:
+            raise ValueError(f"folds must be at least 2 and fold in [0, {folds - 1}], got folds={folds}, fold={fold}")
+        fold_of = poem_folds(poems, folds, seed)
+        return [p for p in poems if fold_of[p.key] != fold], [p for p in poems if fold_of[p.key] == fold]
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     train, val = [], []
@@ -123,6 +130,15 @@ def split_poems(poems: list[Poem], val_fraction: float, seed: int = 0) -> tuple[
         bucket = stable_hash(f"{seed}:{poem.key}") / 2**64
         (val if bucket < val_fraction else train).append(poem)
     return train, val
+
+
+def poem_folds(poems: list[Poem], folds: int, seed: int = 0) -> dict[str, int]:
+    """Each distinct poem key's fold: the keys in the order of their stable hash, dealt round-robin. So fold sizes
+    differ by at most one poem and its copies (a hash modulo K leaves 23 to 42 of the 164 official poems per fold at
+    K=5, and can leave a fold of a few poems empty), copies of a poem share a fold, and neither the machine nor the
+    file order changes a poem's fold."""
+    keys = sorted({p.key for p in poems}, key=lambda key: (stable_hash(f"{seed}:{key}"), key))
+    return {key: rank % folds for rank, key in enumerate(keys)}
 
 
 def validation_examples(val_poems: list[Poem], seed: int, max_items: int) -> list[Example]:
