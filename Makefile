@@ -43,7 +43,11 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The report's browser test needs Debian's chromium (and CJK fonts for readable screenshots): installed when missing
+# and possible (root, apt); without it that test is skipped and says why.
 test-slow: install-demo
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium fonts-noto-cjk; } \
+		>/dev/null 2>&1 || echo "note: Debian's chromium could not be installed: the browser test will be skipped"
 	$(BIN)/python -m pytest -q -m slow
 
 # The CPU benchmarks (bench/README.md): parity and speed against HF Trainer, padding, the chunked loss and the decoder
@@ -77,7 +81,9 @@ demo: install-demo
 	$(BIN)/python evaluate.py --gold $(RUN)/heldout/gold.json --pred $(RUN)/zero_shot.json --label zero-shot \
 		--pred $(RUN)/finetuned.json --label fine-tuned --bertscore-model $$gemma --bertscore-layer 9 \
 		--report $(RUN)/report.json; \
-	echo "run directory: $(RUN)  (metrics.jsonl, loss.png, val.png, checkpoints/, zero_shot.json, finetuned.json, report.json)"
+	page=$$($(BIN)/python -m poetry.report $(RUN)); \
+	echo "run directory: $(RUN)  (metrics.jsonl, loss.png, val.png, checkpoints/, zero_shot.json, finetuned.json, report.json, report.html)"; \
+	echo "run report, opens offline in any browser: $$page"
 
 clean:
 	rm -rf $(VENV) runs

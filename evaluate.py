@@ -3,6 +3,8 @@ characters beside them (in no total).
 
     python evaluate.py --pred submission.json --gold gold.json [--bertscore-model DIR] [--report out.json]
     python evaluate.py --pred zero_shot.json --pred finetuned.json --gold gold.json ...   (side by side)
+    python evaluate.py ... --questions questions.json --html report.html [--metrics run/metrics.jsonl]
+        (one offline HTML page: the scores, each question's answers beside gold, the curves; see poetry.report)
 
 The submission is first checked as the official scorer checks it (count, order, keys, non-empty answers, letters);
 any problem is one `error:` line on stderr and exit code 2.
@@ -30,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where BERTScore's model runs; auto: the GPU when there is one (default: %(default)s)")
     parser.add_argument("--report", help="write aggregates and per-item scores to this JSON file")
+    parser.add_argument("--html", help="write one self-contained HTML page (opens offline): the scores, each "
+                                       "question's answers side by side with gold, sorting and filtering")
+    parser.add_argument("--questions", help="the questions file (eval format) the submissions answer: the poems and "
+                                            "options the --html page shows; required with --html")
+    parser.add_argument("--metrics", help="a run's metrics.jsonl, drawn as curves on the --html page")
     return parser
 
 
@@ -47,9 +54,10 @@ quiet_progress_bars()  # before transformers is imported: its weight-loading bar
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from poetry.data import DataError, check_submission, load_answers  # noqa: E402
+from poetry.data import DataError, check_submission, load_answers, load_questions  # noqa: E402
 from poetry.metrics import ROUGE_TYPES, BertScore, MetricUnavailable, Scores, score_answers  # noqa: E402
 from poetry.precision import default_device  # noqa: E402
+from poetry.report import check_questions, load_metrics, write_page  # noqa: E402
 
 
 def _bertscore(model_dir: str | None, layer: int, device: str) -> tuple[BertScore | None, str]:
@@ -102,8 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: give one distinct --label per --pred ({len(args.pred)} predictions, labels {labels})",
               file=sys.stderr)
         return 2
+    if args.html and not args.questions:
+        print("error: --html needs --questions FILE: the poems and options it shows are in the questions file, "
+              "not in the gold answers", file=sys.stderr)
+        return 2
     try:
+        questions = load_questions(args.questions).records if args.html else []
+        metrics = load_metrics(args.metrics) if args.html and args.metrics else None
         gold = load_answers(args.gold)
+        if args.html:
+            check_questions(questions, args.questions, gold, args.gold)
         predictions = {label: load_answers(pred) for label, pred in zip(labels, args.pred, strict=True)}
         for label, pred in zip(labels, args.pred, strict=True):
             check_submission(gold, predictions[label], pred)
@@ -129,6 +145,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot write the report: {err.filename}: {err.strerror}", file=sys.stderr)
             return 2
         console.print(f"report written to {args.report}", highlight=False, soft_wrap=True)
+    if args.html:
+        return _write_html(args, questions, runs, metrics, console)
+    return 0
+
+
+def _write_html(args: argparse.Namespace, questions: list, runs: dict[str, Scores], metrics: list[dict] | None,
+                console: Console) -> int:
+    sources = [("gold", args.gold), *(("submission", pred) for pred in args.pred), ("questions", args.questions),
+               ("curves", args.metrics or "none (no --metrics)")]
+    try:
+        write_page(args.html, f"{', '.join(runs)} against {Path(args.gold).name}", questions, args.questions, runs,
+                   args.gold, metrics, sources)
+    except OSError as err:
+        print(f"error: cannot write the page: {err.filename}: {err.strerror}", file=sys.stderr)
+        return 2
+    console.print(f"page written to {args.html}", highlight=False, soft_wrap=True)
     return 0
 
 
