@@ -175,8 +175,9 @@ def test_overlong_questions_are_counted(few_poems, tokenizer):
 
 def test_a_fold_that_leaves_no_training_poems_is_named(tokenizer, tmp_path):
     one = tmp_path / "one.json"
-    one.write_text(json.dumps([{"title": "静夜思", "content": "床前明月光，疑是地上霜。", "keywords": {},
-                                "trans": "床前洒满月光，好像地上结了霜。", "emotion": "思乡"}], ensure_ascii=False), encoding="utf-8")
+    poem = {"title": "静夜思", "content": "床前明月光，疑是地上霜。", "keywords": {},
+            "trans": "床前洒满月光，好像地上结了霜。", "emotion": "思乡"}
+    one.write_text(json.dumps([poem], ensure_ascii=False), encoding="utf-8")
     with pytest.raises(DataError, match=r"no training poems left after the validation split \(data.folds=2, "
                                         r"data.fold=0\)"):
         TaskData(DataConfig(train=str(one), folds=2, fold=0), PromptFormat(tokenizer), seed=0)
