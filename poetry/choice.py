@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import typing
 
-import torch
-
 from .config import ChoiceMethod
 from .data.records import OPTION_LETTERS, Question
 from .decode import Decoded, LetterPick, Progress, decode_constrained, inference, model_device, pick_most_likely_letter
+from .feed import Collator
 from .loss import TargetOnlyLoss
 from .prompt import IGNORE_INDEX, PromptFormat
 
@@ -40,19 +39,16 @@ def continuation_logliks(model, pairs: list[tuple[list[int], list[int]]], rows_p
     """The summed log-probability of each continuation after its context, for (context ids, continuation ids)
     pairs: each pair is a row whose targets are the continuation's tokens, longest rows batched first."""
     scorer, device = TargetOnlyLoss(model), model_device(model)
+    collate = Collator(pad_token_id=0)  # any id: padding is masked and never a target
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
     scores = [0.0] * len(pairs)
     with inference(model):
         for start in range(0, len(order), rows_per_forward):
             batch = order[start:start + rows_per_forward]
-            rows = [pairs[i][0] + pairs[i][1] for i in batch]
-            width = max(map(len, rows))
-            padding = [[0] * (width - len(row)) for row in rows]  # id 0: masked, and never a target
-            ids = torch.tensor([row + pad for row, pad in zip(rows, padding, strict=True)], device=device)
-            mask = torch.tensor([[1] * len(row) + pad for row, pad in zip(rows, padding, strict=True)], device=device)
-            labels = torch.tensor([[IGNORE_INDEX] * len(pairs[i][0]) + pairs[i][1] + [IGNORE_INDEX] * len(pad)
-                                   for i, pad in zip(batch, padding, strict=True)], device=device)
-            for i, score in zip(batch, scorer.row_logprobs(ids, mask, labels).tolist(), strict=True):
+            columns = {"input_ids": [pairs[i][0] + pairs[i][1] for i in batch],
+                       "labels": [[IGNORE_INDEX] * len(pairs[i][0]) + pairs[i][1] for i in batch]}
+            rows = {key: value.to(device) for key, value in collate(columns).items()}
+            for i, score in zip(batch, scorer.row_logprobs(**rows).tolist(), strict=True):
                 scores[i] = score
     return scores
 
