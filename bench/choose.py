@@ -6,8 +6,8 @@ under bench/results/.
     python bench/choose.py --config RUN/config.yaml [--builder-root DIR] [--model ...] [--adapter DIR]
     python bench/choose.py --folds [K] [--data DIR] [--config configs/demo.yaml] [--runs-dir DIR]
         [--train-overrides KEY=VALUE ...] [--also-questions Q.json --also-gold G.json]
-    common: [--label zero-shot] [--prior-weights 0,0.5,1] [--max-new-tokens 16] [--batch-size 8]
-        [--dtype auto|fp32|bf16] [--name NAME] [--results-dir bench/results]
+    common: [--label zero-shot] [--methods letter,likelihood_norm,...] [--prior-weights 0,0.5,1]
+        [--max-new-tokens 16] [--batch-size 8] [--dtype auto|fp32|bf16] [--name NAME] [--results-dir bench/results]
 
 With --config the questions are the run's held-out poems as the loop validates on them, each poem's first question,
 options and answer included (export-val keeps only questions with words, sentences and options, which the official
@@ -39,13 +39,14 @@ import math
 import os
 import subprocess
 import sys
+import typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS_DIR, autocast_dtype, console, write_results  # noqa: E402
-from poetry.config import OFFICIAL_DATA_HELP  # noqa: E402
+from poetry.config import OFFICIAL_DATA_HELP, ChoiceMethod  # noqa: E402
 from poetry.data.emotions import valence  # noqa: E402
 from poetry.quiet import quiet_libraries  # noqa: E402
 
@@ -56,6 +57,7 @@ DEFAULT_FOLDS = 4
 FOLD_DONE_FILE = "choose-fold.json"
 NO_VALENCE = "none"
 HALF_OF_VALENCE = {"positive": "cheerful", "calm": "cheerful", "negative": "sorrowful"}
+METHODS = typing.get_args(ChoiceMethod)
 DERIVED_METHODS = ("likelihood", "likelihood_norm", "likelihood_pmi")  # from one scoring of the options
 # run in the builder's tree: the held-out questions of a config under each list of overrides (a JSON list of
 # lists), as JSON: the held-out poems' count, and their questions that have options
@@ -158,11 +160,9 @@ def mean_over_folds(fold_rows: list[list[dict]]) -> list[dict]:
             for rows in zip(*fold_rows, strict=True)]
 
 
-def row_labels(prior_weights: list[float]) -> list[str]:
-    """A row per poetry.choice method, and per λ of likelihood_pmi: `likelihood_pmi λ=0.5`."""
-    from poetry.choice import METHODS
-
-    return [label for method in METHODS
+def row_labels(methods: list[str], prior_weights: list[float]) -> list[str]:
+    """A row per method, and per λ of likelihood_pmi: `likelihood_pmi λ=0.5`."""
+    return [label for method in methods
             for label in ([f"{method} λ={w:g}" for w in prior_weights] if method == "likelihood_pmi" else [method])]
 
 
@@ -188,9 +188,13 @@ def pick_letters(model, fmt, questions: list, labels: list[str], batch_size: int
     from poetry import choice
     from poetry.decode import decode_constrained
 
-    decoded = decode_constrained(model, fmt, questions, batch_size, max_new_tokens)  # eval, no grad
-    logliks = choice.option_logliks(model, fmt, questions, batch_size)
-    priors = choice.option_priors(model, fmt, [text for q in questions for text in q.choose.values()], batch_size)
+    methods = {method_of(label)[0] for label in labels}
+    if methods - set(DERIVED_METHODS):  # the letter is read after every value is decoded: most of the cost
+        decoded = decode_constrained(model, fmt, questions, batch_size, max_new_tokens)  # eval, no grad
+    if methods & set(DERIVED_METHODS):
+        logliks = choice.option_logliks(model, fmt, questions, batch_size)
+        priors = choice.option_priors(model, fmt, [text for q in questions for text in q.choose.values()],
+                                      batch_size)
     picks = {}
     for label in labels:
         method, weight = method_of(label)
@@ -243,7 +247,7 @@ class Scorer:
         self.args, self.dtype = args, autocast_dtype(args.dtype).value
         self.path = resolve_model_path(args.model)
         self.fmt = PromptFormat(load_tokenizer(self.path))
-        self.labels = row_labels(args.prior_weights)
+        self.labels = row_labels(args.methods, args.prior_weights)
 
     def picks(self, question_sets: list[list], adapter: str | Path | None = None) -> list[dict[str, list[str]]]:
         """Each row label's letters for each set of questions (an empty set: no model run), one model load for all."""
@@ -400,6 +404,13 @@ def print_halves(title: str, zero_rows: list[dict], mean_rows: list[dict], fold_
     console.print(table)
 
 
+def methods(text: str) -> list[str]:
+    chosen = text.split(",")
+    if unknown := [method for method in chosen if method not in METHODS]:
+        raise argparse.ArgumentTypeError(f"unknown method {', '.join(unknown)}; choose among {', '.join(METHODS)}")
+    return chosen
+
+
 def prior_weights(text: str) -> list[float]:
     try:
         weights = [float(w) for w in text.split(",")]
@@ -430,6 +441,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --folds: more train.py overrides, e.g. train.max_steps=2")
     parser.add_argument("--also-questions", help="with --folds: another question set each fold's adapter answers")
     parser.add_argument("--also-gold", help="its gold answers")
+    parser.add_argument("--methods", type=methods, default=list(METHODS),
+                        help="the poetry.choice methods to score, separated by commas (default: all). The letter "
+                             "methods decode every answer first, several times the likelihood methods' cost")
     parser.add_argument("--prior-weights", type=prior_weights, default=[0.0, 0.5, 1.0],
                         help="likelihood_pmi's λ values, one row each (default: 0,0.5,1)")
     parser.add_argument("--label", default="", help="what the rows are, e.g. zero-shot, new distractors")

@@ -110,6 +110,20 @@ def test_choose_benchmark_scores_every_method_with_an_interval(tiny_model_dir, t
         assert_row(row, 14)
 
 
+def test_choose_benchmark_scores_only_the_methods_asked(tiny_model_dir, tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from bench import choose as bench_choose
+
+    monkeypatch.setattr("poetry.decode.decode_constrained", lambda *a, **k: pytest.fail("decoded for no letter method"))
+    args = bench_choose.parse_args(["--model", str(tiny_model_dir), "--questions", "data/sample/eval.json", "--gold",
+                                    "data/sample/eval_gold.json", "--methods", "likelihood_norm,likelihood_pmi",
+                                    "--prior-weights", "0.5", "--dtype", "fp32", "--max-new-tokens", "2"])
+    rows = bench_choose.run_single(args)["rows"]
+    assert [row_name(row) for row in rows] == ["likelihood_norm", "likelihood_pmi λ=0.5"]
+    with pytest.raises(SystemExit):
+        bench_choose.parse_args(["--questions", "q", "--gold", "g", "--methods", "likelihood,letters"])
+
+
 def test_choose_benchmark_cross_validates_over_folds(tiny_model_dir, few_poems, tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
     from bench import choose as bench_choose
