@@ -3,7 +3,7 @@
     python infer.py [predict] --model DIR [--adapter DIR] --input eval.json --output submission.json
                     [--decode constrained|free] [--choose-prior-weight λ]
                     [--choose letter|letter_calibrated|likelihood|likelihood_norm|likelihood_pmi]
-                    [--batch-size N] [--max-new-tokens N] [--system-prompt TEXT]
+                    [--batch-size N] [--max-new-tokens N] [--draft-tokens K] [--system-prompt TEXT]
                     [--load-in-4bit | --load-in-8bit] [--dtype auto|fp32|bf16|fp16]
     python infer.py merge --model DIR --adapter DIR --out DIR [--dtype auto|fp32|bf16|fp16]
     python infer.py chat --model DIR [--adapter DIR] [--prompt TEXT] [--sample --temperature T --top-p P]
@@ -12,7 +12,7 @@
                     [--system-prompt TEXT] [--dtype auto|fp32|bf16|fp16]
     python infer.py serve --model DIR [--adapter DIR] [--host 127.0.0.1 --port 8000] [--served-model-name NAME]
                     [--max-batch N] [--max-wait-ms MS] [--max-queue N] [--max-chat-tokens N]
-                    [--choose ...] [--max-new-tokens N] [--system-prompt TEXT] [--dtype ...]
+                    [--choose ...] [--max-new-tokens N] [--draft-tokens K] [--system-prompt TEXT] [--dtype ...]
 
 `predict` is the default subcommand: arguments that start with an option (`infer.py --model ...`) are predict's.
 `--model` is a local directory or `builtin:NAME` (e.g. builtin:tiny-qwen3, built on first use). Constrained decoding
@@ -64,6 +64,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _prior_weight(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 2:
@@ -89,6 +96,9 @@ def _answer_arguments(parser: argparse.ArgumentParser) -> None:
                              "likelihood after the cue alone taken away (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=_positive, default=64,
                         help="token budget of each value (default: %(default)s)")
+    parser.add_argument("--draft-tokens", type=_non_negative, default=0,
+                        help="prompt-lookup drafts verified per value token, as eval.draft_tokens: the same greedy "
+                             "answers in fewer forwards; 0 = off (default: %(default)s)")
     parser.add_argument("--system-prompt", default="",
                         help="system message the model was trained with (default: none)")
     quantization = parser.add_mutually_exclusive_group()
@@ -269,7 +279,7 @@ def _predict(args: argparse.Namespace) -> int:
     with _Progress(len(questions), f"{args.decode} decoding") as progress:
         if args.decode == "constrained":
             result = answer_questions(model, fmt, questions, args.batch_size, args.max_new_tokens, progress.advance,
-                                      args.choose, args.choose_prior_weight)
+                                      args.choose, args.choose_prior_weight, args.draft_tokens)
         else:
             result = decode_free(model, fmt, questions, args.batch_size, args.max_new_tokens, progress.advance)
     if args.decode == "constrained":
@@ -388,7 +398,7 @@ def _answers(model, fmt: PromptFormat, args: argparse.Namespace, questions: list
     """The answers predict writes for `questions`, in order."""
     return [decoded.answer for decoded in answer_questions(model, fmt, questions, args.max_batch,
                                                            args.max_new_tokens, None, args.choose,
-                                                           args.choose_prior_weight)]
+                                                           args.choose_prior_weight, args.draft_tokens)]
 
 
 def _error(message: str) -> int:

@@ -114,7 +114,8 @@ def likelihood_scores(questions: list[Question], logliks: list[dict[str, float]]
 
 def answer_questions(model, fmt: PromptFormat, questions: list[Question], batch_size: int = 8,
                      max_new_tokens: int = 64, progress: Progress | None = None,
-                     method: str = "letter", prior_weight: float = 1.0) -> list[Decoded]:
-    """Constrained answers whose choose_id is picked by `method` (`prior_weight`: likelihood_pmi's λ)."""
+                     method: str = "letter", prior_weight: float = 1.0, draft_tokens: int = 0) -> list[Decoded]:
+    """Constrained answers whose choose_id is picked by `method` (`prior_weight`: likelihood_pmi's λ;
+    `draft_tokens`: speculative decoding, see decode_constrained)."""
     pick = letter_pick(model, fmt, questions, method, max_new_tokens, batch_size, prior_weight)
-    return decode_constrained(model, fmt, questions, batch_size, max_new_tokens, progress, pick)
+    return decode_constrained(model, fmt, questions, batch_size, max_new_tokens, progress, pick, draft_tokens)

@@ -137,6 +137,9 @@ class EvalConfig:
     decode: bool = True  # constrained decoding on validation questions: accuracy and BLEU curves
     max_questions: int = 64  # subset of validation questions decoded in the loop; 0 = all
     max_new_tokens: int = 64  # per-value token budget
+    # prompt-lookup drafts verified per value token (poetry.decode, speculative): the same greedy answers in fewer
+    # forwards; 0 = off
+    draft_tokens: int = 0
     # how choose_id is picked (poetry.choice): the option text's likelihood per character measured best (README)
     choose: ChoiceMethod = "likelihood_norm"
     # likelihood_pmi's λ: how much of each option's likelihood after the cue alone (its prior) is taken away
@@ -275,6 +278,8 @@ def validate(config: Config, device: str = "cpu", processes: int = 1) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if config.eval.draft_tokens < 0:
+        raise ConfigError(f"eval.draft_tokens: must be 0 (off) or positive, got {config.eval.draft_tokens}")
     if t.loss_chunk_rows < 0:
         raise ConfigError(f"train.loss_chunk_rows: must be 0 (all target rows at once) or positive, "
                           f"got {t.loss_chunk_rows}")

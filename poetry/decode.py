@@ -31,6 +31,12 @@ cache slots, holes included (tests/test_decode.py). Questions on one poem in a b
 the prompt up to where it differs: on the tiny config's validation questions (several per poem) that skips 20% of
 the prompt tokens and 10% of the time; the demo config asks one question per poem.
 
+Speculative decoding (`draft_tokens`, eval.draft_tokens, infer.py --draft-tokens) feeds a row due a value's token
+the tokens that followed the row's last n-gram where it occurred before (prompt lookup: a translation reuses its
+line, a gloss its word), reads scores at each, and keeps the prefix its state would have chosen itself, one token
+at a time: exact greedy decoding under the constraint, in fewer forwards when the guesses are right. Each verified
+position costs its share of lm_head, so wrong guesses are not free.
+
 Free decoding (`decode_free`) lets the model write everything and repairs the text; it exists for comparison.
 `chat` answers a free conversation (infer.py chat, the server's /v1/chat/completions).
 """
@@ -54,6 +60,7 @@ from .prompt import PromptFormat
 Progress = Callable[[int], None]  # called with the number of questions finished since the last call
 VIRTUAL_ID = -1  # stands for a prompt-learning adapter's virtual token in a row's ids: never fed
 CHOOSE_HEAD = '"choose_id": "'
+DRAFT_NGRAM = 3  # prompt lookup matches the last 3 tokens of a row, else 2, else 1
 
 
 class UnsupportedTokenizer(ValueError):
@@ -304,9 +311,13 @@ def _batches(lengths: list[int], batch_size: int, groups: list | None = None) ->
 
 def decode_constrained(model, fmt: PromptFormat, questions: list[Question], batch_size: int = 8,
                        max_new_tokens: int = 64, progress: Progress | None = None,
-                       pick: LetterPick = pick_most_likely_letter) -> list[Decoded]:
+                       pick: LetterPick = pick_most_likely_letter, draft_tokens: int = 0) -> list[Decoded]:
     """Batched greedy constrained decoding with a KV cache; results in input order. `max_new_tokens` is the
-    budget of each value: a value that reaches it is cut there; `pick` chooses each choose_id (poetry.choice)."""
+    budget of each value: a value that reaches it is cut there; `pick` chooses each choose_id (poetry.choice).
+    `draft_tokens` > 0 verifies up to that many prompt-lookup drafts per value token (`_forward`): the same
+    answers in fewer forwards."""
+    if draft_tokens < 0:
+        raise ValueError(f"draft_tokens must be 0 (off) or positive, got {draft_tokens}")
     virtual = VirtualTokens.of(model)
     with inference(model):
         states = _states(model, fmt, questions, max_new_tokens, pick)
@@ -315,7 +326,8 @@ def decode_constrained(model, fmt: PromptFormat, questions: list[Question], batc
                 for q, state in zip(questions, states, strict=True)]
         poems = [(q.title, q.author, q.content) for q in questions]
         for batch in _batches([len(row.feed) for row in rows], batch_size, poems):
-            _decode_batch(virtual.base if virtual else model, [rows[i] for i in batch], padding_id(fmt))
+            _decode_batch(virtual.base if virtual else model, [rows[i] for i in batch], padding_id(fmt),
+                          draft_tokens)
             if progress:
                 progress(len(batch))
     return [state.decoded() for state in states]
@@ -332,10 +344,19 @@ class _Row:
         self.kv = prefix  # per layer: keys, values (heads, len(ids), dim)
         self.feed = feed  # the tokens due next; scores are wanted after the last
 
+    def drafts(self, max_tokens: int) -> list[int]:
+        """Guessed tokens to verify after the one due, inside the value being written and its budget."""
+        state = self.state
+        if not max_tokens or state.done or state.skeleton.slots[state.slot] is None or len(self.feed) != 1:
+            return []
+        room = state.max_new_tokens - len(state.value_ids) - 1  # the token that fills the budget closes the value
+        return prompt_lookup(self.ids[self.virtual:] + self.feed, min(max_tokens, room)) if room > 0 else []
 
-def _decode_batch(model, rows: list[_Row], pad_id: int) -> None:
+
+def _decode_batch(model, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
     """The prompts first, each poem's once; then rounds of two forwards: the rows due a forced run take it whole,
-    then every row due one token takes it (a row that has just taken its run has chosen that token already)."""
+    then every row due one token takes it (a row that has just taken its run has chosen that token already), with
+    up to `draft_tokens` drafts after it."""
     followers = _shared_prompts(rows)
     leaders = [row for row in rows if row not in followers]
     # A row's virtual slots cannot be fed again, as a row shorter than the batch's widest feed would be: with them,
@@ -350,7 +371,7 @@ def _decode_batch(model, rows: list[_Row], pad_id: int) -> None:
             _forward(model, [row], pad_id)
     while rows := [row for row in rows if row.feed]:
         _forward(model, [row for row in rows if len(row.feed) > 1], pad_id)
-        _forward(model, [row for row in rows if len(row.feed) == 1], pad_id)
+        _forward(model, [row for row in rows if len(row.feed) == 1], pad_id, draft_tokens)
 
 
 def _shared_prompts(rows: list[_Row]) -> dict[_Row, tuple[_Row, int]]:
@@ -368,19 +389,27 @@ def _shared_prompts(rows: list[_Row]) -> dict[_Row, tuple[_Row, int]]:
     return followers
 
 
-def _forward(model, rows: list[_Row], pad_id: int) -> None:
+def _forward(model, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
     """Feeds each row its due tokens in one forward, and lets its state choose from the scores what is due next.
+
+    Speculative, with `draft_tokens`: a row due one token of a value is also fed the tokens that prompt lookup
+    (`prompt_lookup`) guesses will follow it, and scores are read at each of them. The state advances on the scores
+    one position at a time, as it would with one forward per token, for as long as the token it chooses is the next
+    draft; the first choice that differs (another token, a forced run, a closing quote) is what is due next, and
+    the keys and values of the drafts after it are dropped. Greedy answers are those of plain decoding by
+    construction; a longer forward may round differently, which in fp32 flips no choice on the tested models.
 
     Each row takes the last `width` tokens of its sequence, re-feeding some cached ones when it is due fewer than
     the widest, so that every row is contiguous, padded on the left only, and ends at the last position, where
-    logits_to_keep=1 reads its scores. Padding in its middle, even masked, would narrow a sliding window, which
+    logits_to_keep reads its scores. Padding in its middle, even masked, would narrow a sliding window, which
     counts cache slots. The cache is made without the model's config, so that every layer returns all its slots
     (a sliding-window layer keeps the last window only), and each row's keys and values are kept whole.
     """
     if not rows:
         return
-    width = max(len(row.feed) for row in rows)
-    sequences = [row.ids + row.feed for row in rows]
+    drafts = [row.drafts(draft_tokens) for row in rows]
+    width = max(len(row.feed) + len(draft) for row, draft in zip(rows, drafts, strict=True))
+    sequences = [row.ids + row.feed + draft for row, draft in zip(rows, drafts, strict=True)]
     fed = [sequence[-width:] for sequence in sequences]
     cached = [len(sequence) - len(tokens) for sequence, tokens in zip(sequences, fed, strict=True)]
     if any(n < row.virtual for n, row in zip(cached, rows, strict=True)):
@@ -395,12 +424,36 @@ def _forward(model, rows: list[_Row], pad_id: int) -> None:
     # position-dependent RoPE scaling and rounding at large positions do: an answer must not depend on its batch
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
     cache = DynamicCache(_batched_kv(rows, cached, past)) if past else DynamicCache()
+    scored = 1 + max(map(len, drafts))  # positions whose scores are read: lm_head costs as much per position
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **{CACHE_KEYWORD: cache},
-                use_cache=True, logits_to_keep=1)
-    for b, (row, sequence, logits) in enumerate(zip(rows, sequences, out.logits[:, -1].float(), strict=True)):
-        row.ids, row.kv = sequence, [(layer.keys[b, :, -len(sequence):], layer.values[b, :, -len(sequence):])
-                                     for layer in cache.layers]
-        row.feed = row.state.advance(logits)
+                use_cache=True, logits_to_keep=scored)
+    for b, (row, sequence, draft) in enumerate(zip(rows, sequences, drafts, strict=True)):
+        accepted, row.feed = _verify(row.state, out.logits[b, scored - 1 - len(draft):].float(), draft)
+        kept = len(sequence) - (len(draft) - accepted)
+        row.ids, row.kv = sequence[:kept], [(layer.keys[b, :, -len(sequence):][:, :kept],
+                                             layer.values[b, :, -len(sequence):][:, :kept]) for layer in cache.layers]
+
+
+def _verify(state: _AnswerState, logits: torch.Tensor, draft: list[int]) -> tuple[int, list[int]]:
+    """How many draft tokens the state chooses itself given the scores at each fed position (the due token's, then
+    each draft's), and the tokens due after the last one it accepts."""
+    for position, token in enumerate(draft):
+        due = state.advance(logits[position])
+        if due != [token]:
+            return position, due
+    return len(draft), state.advance(logits[len(draft)])
+
+
+def prompt_lookup(sequence: list[int], max_tokens: int, max_ngram: int = DRAFT_NGRAM) -> list[int]:
+    """Up to `max_tokens` tokens guessed to come next (prompt lookup decoding): those that followed, at its latest
+    earlier occurrence in `sequence`, the longest n-gram (n <= max_ngram) that ends it. Answers restate the
+    question: a translation reuses its line's characters, a gloss often repeats its word."""
+    for n in range(min(max_ngram, len(sequence) - 1), 0, -1):
+        tail = sequence[-n:]
+        for start in range(len(sequence) - n - 1, -1, -1):
+            if sequence[start:start + n] == tail:
+                return sequence[start + n:start + n + max_tokens]
+    return []
 
 
 def _batched_kv(rows: list[_Row], cached: list[int], past: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

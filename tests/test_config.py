@@ -30,6 +30,7 @@ def test_yaml_then_overrides(tmp_path):
     ("data.val_fraction=1.5", "data.val_fraction: must be in [0, 1)"),
     ("data.folds=1", "data.folds: must be 0 (off) or at least 2, got 1"),
     ("data.fold=2", "data.fold=2: a held-out fold needs data.folds (at least 2)"),
+    ("eval.draft_tokens=-1", "eval.draft_tokens: must be 0 (off) or positive, got -1"),
     ("eval.choose_prior_weight=-0.5", "eval.choose_prior_weight: must be in [0, 2] (0: likelihood_norm; 1: PMI)"),
     ("train=3", "train: expected a section (mapping), got 3"),
     ("train.lr", "must look like section.key=value"),

@@ -3,6 +3,7 @@
 schema-valid; the free-text parser repairs broken outputs."""
 import functools
 import json
+import random
 from dataclasses import replace
 
 import pytest
@@ -364,3 +365,86 @@ def test_parser_fills_missing_and_empty_values():
     assert set(repairs) == {"keys", "missing_value"}
     answer, repairs = parsed("我不知道。")
     assert answer.choose_id == "A" and set(repairs) == {"invalid_json", "missing_value", "choose_id"}
+
+
+# ---- speculative decoding: prompt-lookup drafts, verified ----
+
+def test_prompt_lookup_proposes_what_followed_the_longest_latest_match():
+    assert decode.prompt_lookup([1, 2, 3, 9, 2, 3, 8, 7, 1, 2, 3], 2) == [9, 2]  # 1 2 3 ends it: the longest match
+    assert decode.prompt_lookup([5, 2, 3, 4, 6, 3, 7, 3], 3) == [7, 3]  # only 3 matches: its latest occurrence
+    assert decode.prompt_lookup([1, 2, 3, 4], 3) == []
+    assert decode.prompt_lookup([4, 4], 3) == [4]
+    assert decode.prompt_lookup([7], 3) == []
+
+
+def record_states(monkeypatch) -> list[_AnswerState]:
+    """The answer states of the decodings that follow, in creation order."""
+    created = []
+    make = decode._states
+    monkeypatch.setattr(decode, "_states", lambda *args: created.extend(states := make(*args)) or states)
+    return created
+
+
+def oracle_drafts(monkeypatch, fmt, questions, states, wrong_every: int | None = 2) -> list[tuple[int, int]]:
+    """prompt_lookup replaced by the tokens that plain decoding chose next (`states`: its answers); when
+    `wrong_every` is given, about one draft in that many has a token replaced, by another or by one the constraint
+    forbids in a value (end of turn), so that verification accepts every number of drafts from none to all.
+    Returns (accepted, drafted) per verification, filled as decoding goes; a right draft that runs past its value's
+    closing quote is cut there, since the state forces the canonical closing tokens."""
+    answers = [fmt.prompt_ids(q) + state.emitted for q, state in zip(questions, states, strict=True)]
+    accepted = []
+
+    def lookup(sequence: list[int], max_tokens: int) -> list[int]:
+        [answer] = [a for a in answers if a[:len(sequence)] == sequence]  # a wrong pick would match no answer
+        draft = answer[len(sequence):len(sequence) + max_tokens]
+        chance = random.Random(len(sequence))
+        if wrong_every and draft and chance.randrange(wrong_every) == 0:
+            at = chance.randrange(len(draft))
+            draft[at] = fmt.end_ids[0] if chance.random() < 0.5 else (draft[at] + 1) % len(fmt.tokenizer)
+        return draft
+
+    verify = decode._verify
+
+    def counted(state, logits, draft):
+        result = verify(state, logits, draft)
+        accepted.append((result[0], len(draft)))
+        return result
+
+    monkeypatch.setattr(decode, "prompt_lookup", lookup)
+    monkeypatch.setattr(decode, "_verify", counted)
+    return accepted
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_speculative_decoding_equals_plain_decoding_in_every_family(family_models, fmt, sample_questions, arch,
+                                                                   monkeypatch):
+    """Rows of different lengths in a batch, each accepting its own number of drafts (Gemma-3: a sliding window
+    shorter than the prompts), and values cut at the budget: the answers and letter scores of plain decoding."""
+    model, questions = family_models[arch], mixed_questions(sample_questions)
+    states = record_states(monkeypatch)
+    plain = decode_constrained(model, fmt, questions, batch_size=4, max_new_tokens=6)
+    accepted = oracle_drafts(monkeypatch, fmt, questions, list(states))
+    assert_same(decode_constrained(model, fmt, questions, batch_size=4, max_new_tokens=6, draft_tokens=3), plain)
+    assert {n for n, _ in accepted} == {0, 1, 2, 3}
+    assert any(n < drafted for n, drafted in accepted) and any(n == drafted > 0 for n, drafted in accepted)
+
+
+def test_right_drafts_save_forwards_and_natural_ones_change_nothing(model, fmt, sample_questions, monkeypatch):
+    questions = sample_questions[:4]
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        states = record_states(monkeypatch)
+        plain = decode_constrained(model, fmt, questions, batch_size=2, max_new_tokens=8)
+        plain_forwards = len(forwards)
+        natural = decode_constrained(model, fmt, questions, batch_size=2, max_new_tokens=8, draft_tokens=4)
+        assert_same(natural, plain)  # prompt lookup's own guesses, mostly wrong for a random model
+        accepted = oracle_drafts(monkeypatch, fmt, questions, states[:len(questions)], wrong_every=None)
+        forwards.clear()
+        assert_same(decode_constrained(model, fmt, questions, batch_size=2, max_new_tokens=8, draft_tokens=4), plain)
+    finally:
+        hook.remove()
+    assert sum(n for n, _ in accepted) > 0.8 * sum(drafted for _, drafted in accepted)
+    assert len(forwards) < 0.6 * plain_forwards
+    with pytest.raises(ValueError, match="draft_tokens"):
+        decode_constrained(model, fmt, questions, draft_tokens=-1)

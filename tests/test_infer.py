@@ -64,24 +64,29 @@ def test_predict_writes_a_valid_submission_in_order(tiny_model_dir, tmp_path, ca
     assert "wrote 14 answers" in printed.out and "constrained decoding" in printed.out
 
 
-def test_pmi_choice_and_its_prior_weight_reach_the_decoder(tiny_model_dir, few_questions, tmp_path, capsys,
-                                                           monkeypatch):
+def test_pmi_choice_its_prior_weight_and_the_drafts_reach_the_decoder(tiny_model_dir, few_questions, tmp_path,
+                                                                     capsys, monkeypatch):
     answer_questions, asked = infer.answer_questions, []
 
     def spying(*args):
-        asked.append(args[-2:])
+        asked.append(args[-3:])
         return answer_questions(*args)
 
     monkeypatch.setattr(infer, "answer_questions", spying)
     out = tmp_path / "submission.json"
     code, printed = run(capsys, "--model", tiny_model_dir, "--input", few_questions, "--output", out,
-                        "--max-new-tokens", 2, "--choose", "likelihood_pmi", "--choose-prior-weight", 0.5)
-    assert code == 0 and asked == [("likelihood_pmi", 0.5)]
+                        "--max-new-tokens", 2, "--choose", "likelihood_pmi", "--choose-prior-weight", 0.5,
+                        "--draft-tokens", 3)
+    assert code == 0 and asked == [("likelihood_pmi", 0.5, 3)]
     check_submission(load_questions(few_questions).records, load_answers(out), str(out))
     with pytest.raises(SystemExit):
         infer.main(["--model", str(tiny_model_dir), "--input", str(few_questions), "--output", str(out),
                     "--choose-prior-weight", "3"])
     assert "--choose-prior-weight: must be in [0, 2], got 3.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        infer.main(["--model", str(tiny_model_dir), "--input", str(few_questions), "--output", str(out),
+                    "--draft-tokens", "-1"])
+    assert "--draft-tokens: must be 0 or more, got -1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--load-in-4bit", "--load-in-8bit"])

@@ -84,15 +84,21 @@ def test_target_only_loss_and_gradients_equal_the_models_own(tiny_model_dir, bat
 
 @pytest.mark.parametrize("method", METHODS[1:])
 def test_constrained_decoding_and_option_likelihoods_equal_pefts_own_forward(tiny_model_dir, tokenizer, questions,
-                                                                           method):
+                                                                           method, monkeypatch):
     """decode_naive runs the model's own forward on the whole sequence (PEFT adds the virtual tokens); the batched
-    decoder starts each row from their keys and values. Option likelihoods likewise."""
-    from test_decode import assert_same
+    decoder starts each row from their keys and values, and so does the speculative one, which also rolls them back
+    past rejected drafts. Option likelihoods likewise."""
+    from test_decode import assert_same, oracle_drafts, record_states
 
     fmt = PromptFormat(tokenizer)
     model = trained(tiny_model_dir, method)
+    states = record_states(monkeypatch)
     batched = decode_constrained(model, fmt, questions, batch_size=3, max_new_tokens=4)
     assert_same(batched, decode_naive(model, fmt, questions, max_new_tokens=4))
+    accepted = oracle_drafts(monkeypatch, fmt, questions, states[:len(questions)])
+    assert_same(decode_constrained(model, fmt, questions, batch_size=3, max_new_tokens=4, draft_tokens=2), batched)
+    assert {n for n, _ in accepted} == {0, 1, 2}
+    monkeypatch.undo()
     all_scores = option_logliks(model, fmt, questions, batch_size=2)  # rows of several lengths in one forward
     with torch.no_grad():
         for question, scores in zip(questions, all_scores, strict=True):
