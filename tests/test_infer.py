@@ -96,6 +96,7 @@ def test_quantized_base_with_adapter_writes_a_valid_submission(tiny_model_dir, a
     code, printed = run(capsys, "--model", tiny_model_dir, "--adapter", adapter_dir, flag,
                         "--input", few_questions, "--output", out, "--max-new-tokens", 3)
     assert code == 0, printed.err
+    assert f"adapter: kept apart from the base, the base is quantized ({flag[10:]})" in printed.out
     check_submission(load_questions(few_questions).records, load_answers(out), str(out))
 
 
@@ -122,6 +123,29 @@ def test_merged_model_answers_like_base_plus_adapter(tiny_model_dir, adapter_dir
     assert run(capsys, "--model", tmp_path / "merged", "--output", tmp_path / "merged.json", *common)[0] == 0
     lora, merged = (load_answers(tmp_path / name) for name in ("lora.json", "merged.json"))
     assert merged == lora and lora != load_answers(tmp_path / "base.json")
+
+
+def test_an_adapter_is_merged_at_load_unless_no_merge_and_answers_alike(tiny_model_dir, adapter_dir, few_questions,
+                                                                          tmp_path, capsys, monkeypatch):
+    from peft import PeftModel
+
+    answer_questions, models = infer.answer_questions, []
+    monkeypatch.setattr(infer, "answer_questions", lambda model, *args: models.append(model) or answer_questions(
+        model, *args))
+    common = ("--model", tiny_model_dir, "--adapter", adapter_dir, "--input", few_questions, "--max-new-tokens", 4,
+              "--dtype", "fp32")
+    code, merged = run(capsys, *common, "--output", tmp_path / "merged.json")
+    assert code == 0 and "adapter: merged into the base for inference" in merged.out
+    code, apart = run(capsys, *common, "--output", tmp_path / "apart.json", "--no-merge")
+    assert code == 0 and "merged into the base" not in apart.out
+    assert not isinstance(models[0], PeftModel) and isinstance(models[1], PeftModel)
+    assert models[0].get_input_embeddings().weight.dtype == torch.float32
+    assert load_answers(tmp_path / "merged.json") == load_answers(tmp_path / "apart.json")
+    printed = [run(capsys, "perplexity", "--model", tiny_model_dir, "--adapter", adapter_dir, "--input", EVAL, "--gold",
+                   SAMPLE / "eval_gold.json", "--dtype", "fp32", *flag)[1].out for flag in ((), ("--no-merge",))]
+    assert "merged into the base" in printed[0] and "merged into the base" not in printed[1]
+    merged_ppl, apart_ppl = (float(re.search(r"perplexity ([\d.]+)", out).group(1)) for out in printed)
+    assert merged_ppl == pytest.approx(apart_ppl, rel=1e-4)
 
 
 def test_chat_prints_a_reply(tiny_model_dir, capsys):

@@ -214,6 +214,10 @@ def test_a_prompt_learning_adapter_cannot_be_merged(tiny_model_dir, tmp_path, ca
                           str(tmp_path / "merged")])
     assert code == 2 and "prompt_tuning adapter has no weights to merge" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
+    code = _infer().main(["--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens",
+                          "1", "--input", str(SAMPLE / "eval.json"), "--output", str(tmp_path / "answers.json")])
+    assert code == 0 and "kept apart from the base, its virtual tokens come before every prompt" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overrides, message", [
