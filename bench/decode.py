@@ -4,9 +4,18 @@ side by side in one run: seconds per question and the share of answers that are 
 and against another version of poetry/decode.py, their answers compared with the constrained ones. The raw numbers
 are kept as JSON under bench/results/.
 
-    python bench/decode.py [--model builtin:gemma-3-270m] [--questions data/sample/eval.json] [--count 8]
-        [--max-new-tokens 8] [--batch-size 8] [--repeats 2] [--threads N] [--dtype auto|fp32|bf16]
-        [--naive] [--baseline FILE] [--results-dir bench/results] [--name decode]
+    python bench/decode.py [--model builtin:gemma-3-270m] [--adapter DIR [--merge]] [--questions Q.json]
+        [--count 8] [--max-new-tokens 8] [--batch-size 8] [--draft-tokens 0,4] [--options] [--no-free]
+        [--repeats 2] [--threads N] [--dtype auto|fp32|bf16] [--naive] [--baseline FILE]
+        [--results-dir bench/results] [--name decode]
+
+The model is the base alone (zero-shot), or with --adapter a run's adapter, unmerged as the training loop's
+evaluation runs it, or merged as infer.py loads it with --merge. --draft-tokens times constrained decoding once per
+k (0: plain), speculative rows compared with the plain one; each is also run once more, untimed, with counters:
+forwards per value token, the mean number of drafts accepted per verification, and the time split between the
+prompts' prefill, the forced runs, the value tokens (with their drafts' verification) and, inside all three, the
+output layer. --options adds a row for the likelihood modes' option scoring (poetry.choice: the options of every
+question and their priors, batched across questions).
 
 --baseline times an older decoder interleaved with the current one: `git worktree add /tmp/old-decode HEAD` (or
 `git show HEAD:poetry/decode.py > /tmp/old_decode.py`), then `--baseline /tmp/old-decode/poetry/decode.py`; the file
@@ -17,9 +26,11 @@ core slow down most.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import statistics
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -33,15 +44,19 @@ from bench.common import (  # noqa: E402
     autocast_dtype,
     console,
     interleaved,
-    lora_model,
     side_by_side,
     write_results,
 )
-from poetry import decode  # noqa: E402
+from poetry import choice, decode  # noqa: E402
+from poetry.builtin import resolve_model_path  # noqa: E402
+from poetry.config import ModelConfig  # noqa: E402
 from poetry.data import load_questions  # noqa: E402
+from poetry.model import load_model, load_tokenizer  # noqa: E402
 from poetry.prompt import PromptFormat, render_target  # noqa: E402
+from poetry.quiet import quiet_libraries  # noqa: E402
 
-FREE, CONSTRAINED, NAIVE = "free: generate + parser", "constrained", "naive (no cache)"
+FREE, CONSTRAINED, NAIVE, OPTIONS = ("free: generate + parser", "constrained", "naive (no cache)",
+                                    "option scoring (likelihood modes)")
 # what parse_free_answer repairs, by the property of the answer text it shows missing
 LACKS = {"valid": {"invalid_json", "fence", "think"}, "non_empty": {"missing_value"},
          "positional": {"invalid_json", "fence", "think", "section_name", "keys"}, "letter": {"choose_id"}}
@@ -72,9 +87,96 @@ def agreement(decoded: list, reference: list) -> dict:
             "max_option_logprob_difference": max(differences, default=0.0)}
 
 
+class Counters:
+    """What one constrained decoding costs, counted by wrapping poetry.decode's forward, verification and value
+    steps (each `_generate` chooses one token of a value, or its closing quote), and timing the output layer with
+    hooks."""
+
+    def __init__(self, model):
+        self.model, self.forwards, self.row_forwards, self.value_tokens = model, 0, 0, 0
+        self.verified = self.accepted = 0
+        self.seconds = {"prefill": 0.0, "forced runs": 0.0, "value tokens": 0.0, "output layer": 0.0}
+
+    def run(self, call):
+        forward, verify, generate = decode._forward, decode._verify, decode._AnswerState._generate
+        head = self.model.get_output_embeddings()
+        started = []
+        hooks = [head.register_forward_pre_hook(lambda *_: started.append(time.perf_counter())),
+                 head.register_forward_hook(lambda *_: self._add("output layer", started.pop()))]
+
+        def counted_forward(model, rows, pad_id, draft_tokens=0):
+            kind = ("prefill" if all(len(row.ids) == row.virtual for row in rows) else
+                    "value tokens" if rows and len(rows[0].feed) == 1 else "forced runs")
+            self.forwards, self.row_forwards = self.forwards + bool(rows), self.row_forwards + len(rows)
+            begun = time.perf_counter()
+            forward(model, rows, pad_id, draft_tokens)
+            self._add(kind, begun)
+
+        def counted_verify(state, logits, draft):
+            accepted, due = verify(state, logits, draft)
+            if draft:
+                self.verified, self.accepted = self.verified + 1, self.accepted + accepted
+            return accepted, due
+
+        def counted_generate(state, logits):
+            self.value_tokens += 1
+            return generate(state, logits)
+
+        decode._forward, decode._verify, decode._AnswerState._generate = counted_forward, counted_verify, \
+            counted_generate
+        try:
+            return call()
+        finally:
+            decode._forward, decode._verify, decode._AnswerState._generate = forward, verify, generate
+            for hook in hooks:
+                hook.remove()
+
+    def _add(self, kind: str, started: float) -> None:
+        self.seconds[kind] += time.perf_counter() - started
+
+    def summary(self) -> dict:
+        return {"forwards": self.forwards, "row_forwards": self.row_forwards, "value_tokens": self.value_tokens,
+                "row_forwards_per_value_token": self.row_forwards / max(self.value_tokens, 1),
+                "verifications": self.verified,
+                "mean_accepted": self.accepted / self.verified if self.verified else None,
+                "seconds": self.seconds}
+
+
+def load(args: argparse.Namespace):
+    """(tokenizer, model): the base alone, or with --adapter (merged with --merge)."""
+    quiet_libraries()
+    path = resolve_model_path(args.model)
+    model = load_model(ModelConfig(path=path, dtype="fp32"), for_training=False)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+        if args.merge:
+            model = model.merge_and_unload()
+    return load_tokenizer(path), model.eval()
+
+
+def draft_counts(text: str) -> list[int]:
+    counts = [int(k) for k in text.split(",")]
+    if 0 not in counts or any(k < 0 for k in counts):
+        raise argparse.ArgumentTypeError(f"draft counts separated by commas, 0 (plain decoding) among them; got "
+                                         f"{text!r}")
+    return sorted(set(counts))
+
+
+def constrained_name(draft_tokens: int) -> str:
+    return CONSTRAINED if not draft_tokens else f"{CONSTRAINED}, {draft_tokens} draft tokens"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="builtin:gemma-3-270m")
+    parser.add_argument("--adapter", help="a PEFT adapter directory (a run's checkpoint): the fine-tuned model")
+    parser.add_argument("--merge", action="store_true", help="merge --adapter into the base, as infer.py does")
+    parser.add_argument("--draft-tokens", type=draft_counts, default=[0],
+                        help="constrained decoding with each number of draft tokens, 0 (plain) among them: 0,4")
+    parser.add_argument("--options", action="store_true", help="also time the likelihood modes' option scoring")
+    parser.add_argument("--no-free", action="store_true", help="leave free generation out (slow on real models)")
     parser.add_argument("--questions", default="data/sample/eval.json",
                         help="eval-format questions (also what `python -m poetry.data export-val` writes)")
     parser.add_argument("--count", type=int, default=8, help="questions decoded per call")
@@ -92,7 +194,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = autocast_dtype(args.dtype)
 
-    tokenizer, model = lora_model(args.model, for_training=False)
+    if args.merge and not args.adapter:
+        parser.error("--merge needs --adapter")
+    tokenizer, model = load(args)
     fmt = PromptFormat(tokenizer)
     questions = load_questions(args.questions).records[:args.count]
     outputs: dict[str, list] = {}
@@ -103,34 +207,53 @@ def main() -> None:
                 outputs[name] = call()
         return timed
 
-    methods = {FREE: lambda: decode.decode_free(model, fmt, questions, args.batch_size, args.max_new_tokens).items}
+    methods = {} if args.no_free else {
+        FREE: lambda: decode.decode_free(model, fmt, questions, args.batch_size, args.max_new_tokens).items}
     if args.baseline:
         old = load_decoder(args.baseline)
         methods[f"constrained, baseline {args.baseline}"] = lambda: old.decode_constrained(
             model, fmt, questions, args.batch_size, args.max_new_tokens)
-    methods[CONSTRAINED] = lambda: decode.decode_constrained(model, fmt, questions, args.batch_size,
-                                                             args.max_new_tokens)
+    constrained = {constrained_name(k): functools.partial(decode.decode_constrained, model, fmt, questions,
+                                                          args.batch_size, args.max_new_tokens, draft_tokens=k)
+                   for k in args.draft_tokens}
+    methods |= constrained
     if args.naive:
         methods[NAIVE] = lambda: decode.decode_naive(model, fmt, questions, args.max_new_tokens)
+    if args.options:
+        def scored_options():
+            logliks = choice.option_logliks(model, fmt, questions, args.batch_size)
+            texts = [text for q in questions for text in q.choose.values()]
+            return logliks, choice.option_priors(model, fmt, texts, args.batch_size)
+        methods[OPTIONS] = scored_options
     times = interleaved({name: run(name, call) for name, call in methods.items()}, args.repeats)
 
     results = {}
     for name, seconds in times.items():
+        results[name] = {"seconds": seconds, "seconds_per_question": statistics.median(seconds) / len(questions)}
+        if name == OPTIONS:
+            continue
         texts = ([item.text for item in outputs[name]] if name == FREE
                  else [render_target(d.answer) for d in outputs[name]])
-        results[name] = {"seconds": seconds, "seconds_per_question": statistics.median(seconds) / len(questions),
-                         "quality": quality(questions, texts)}
+        results[name]["quality"] = quality(questions, texts)
         if name not in (FREE, CONSTRAINED):
             results[name]["agreement"] = agreement(outputs[name], outputs[CONSTRAINED])
-    title = (f"decoding {len(questions)} questions of {args.questions}, {args.model}: value budget "
+    for name, call in constrained.items():  # once more, untimed: what the time went to
+        counters = Counters(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype.value == "bf16"):
+            counters.run(call)
+        results[name]["cost"] = counters.summary()
+    title = (f"decoding {len(questions)} questions of {args.questions}, {args.model}"
+             f"{' + ' + args.adapter + (' (merged)' if args.merge else '') if args.adapter else ''}: value budget "
              f"{args.max_new_tokens} tokens, batch {args.batch_size}, autocast {dtype.value}, "
              f"{torch.get_num_threads()} threads")
-    side_by_side(title, times, note=f"speed-up over free generation; autocast {dtype.value}: {dtype.reason}")
+    side_by_side(title, times, note=f"speed-up over the first row; autocast {dtype.value}: {dtype.reason}")
     summary(results, len(questions))
+    costs(results)
     path = write_results(args.name, {
-        "args": {"model": args.model, "questions": args.questions, "count": len(questions),
-                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "repeats": args.repeats,
-                 "dtype": dtype.value, "baseline": str(args.baseline) if args.baseline else None},
+        "args": {"model": args.model, "adapter": args.adapter, "merge": args.merge, "questions": args.questions,
+                 "count": len(questions), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                 "draft_tokens": args.draft_tokens, "repeats": args.repeats, "dtype": dtype.value,
+                 "threads": torch.get_num_threads(), "baseline": str(args.baseline) if args.baseline else None},
         "results": results}, args.results_dir)
     print(f"raw results: {path}")
 
@@ -144,11 +267,33 @@ def summary(results: dict[str, dict], count: int) -> None:
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     for name, result in results.items():
+        if "quality" not in result:
+            continue
         shares = [f"{result['quality'][kind]:.0%}" for kind in (*LACKS, "clean")]
         agreed = result.get("agreement")
         table.add_row(name, f"{result['seconds_per_question']:.2f}", *shares,
                       f"identical answers: {agreed['identical']} of {count}, "
                       f"{agreed['max_option_logprob_difference']:.1e}" if agreed else "")
+    console.print(table)
+
+
+def costs(results: dict[str, dict]) -> None:
+    """The counted run of each constrained row: forwards per value token, drafts accepted, where the time went."""
+    table = Table(title="constrained decoding, counted (one untimed run each)",
+                  caption="a row forward is one row's part of a batched forward; per value token, every row "
+                          "forward counts (prompts and forced runs too) against the value tokens chosen (closing "
+                          "quotes included); accepted: drafts kept per verification; the output layer's time is "
+                          "inside the three before it")
+    columns = ("method", "forwards", "value tokens", "row forwards / value token", "accepted / verification",
+               "prefill s", "forced runs s", "value tokens s", "output layer s")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for name, result in results.items():
+        if cost := result.get("cost"):
+            accepted = cost["mean_accepted"]
+            table.add_row(name, str(cost["forwards"]), str(cost["value_tokens"]),
+                          f"{cost['row_forwards_per_value_token']:.2f}", "-" if accepted is None else f"{accepted:.2f}",
+                          *[f"{seconds:.2f}" for seconds in cost["seconds"].values()])
     console.print(table)
 
 

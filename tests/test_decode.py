@@ -392,7 +392,6 @@ def oracle_drafts(monkeypatch, fmt, questions, states, wrong_every: int | None =
     Returns (accepted, drafted) per verification, filled as decoding goes; a right draft that runs past its value's
     closing quote is cut there, since the state forces the canonical closing tokens."""
     answers = [fmt.prompt_ids(q) + state.emitted for q, state in zip(questions, states, strict=True)]
-    accepted = []
 
     def lookup(sequence: list[int], max_tokens: int) -> list[int]:
         [answer] = [a for a in answers if a[:len(sequence)] == sequence]  # a wrong pick would match no answer
@@ -403,14 +402,19 @@ def oracle_drafts(monkeypatch, fmt, questions, states, wrong_every: int | None =
             draft[at] = fmt.end_ids[0] if chance.random() < 0.5 else (draft[at] + 1) % len(fmt.tokenizer)
         return draft
 
-    verify = decode._verify
+    monkeypatch.setattr(decode, "prompt_lookup", lookup)
+    return count_accepted(monkeypatch)
+
+
+def count_accepted(monkeypatch) -> list[tuple[int, int]]:
+    """(drafts accepted, drafts) of each verification that follows."""
+    verify, accepted = decode._verify, []
 
     def counted(state, logits, draft):
         result = verify(state, logits, draft)
         accepted.append((result[0], len(draft)))
         return result
 
-    monkeypatch.setattr(decode, "prompt_lookup", lookup)
     monkeypatch.setattr(decode, "_verify", counted)
     return accepted
 
@@ -448,3 +452,24 @@ def test_right_drafts_save_forwards_and_natural_ones_change_nothing(model, fmt, 
     assert len(forwards) < 0.6 * plain_forwards
     with pytest.raises(ValueError, match="draft_tokens"):
         decode_constrained(model, fmt, questions, draft_tokens=-1)
+
+
+@pytest.mark.slow
+def test_speculative_decoding_on_gemma270m_answers_as_plain_decoding_in_fp32(sample_questions, monkeypatch):
+    """The real model, whose answers restate the questions as prompt lookup guesses: drafts are accepted, and every
+    answer and letter score is plain decoding's."""
+    from poetry.builtin import resolve_model_path
+    from poetry.builtin.gemma270m import GemmaAssetError
+    from poetry.model import load_tokenizer
+
+    try:
+        path = resolve_model_path("builtin:gemma-3-270m")
+    except GemmaAssetError as error:
+        pytest.skip(f"the demo extra is not installed: {error}")
+    model = load_model(ModelConfig(path=path, dtype="fp32"), for_training=False)
+    fmt = PromptFormat(load_tokenizer(path))
+    plain = decode_constrained(model, fmt, sample_questions, batch_size=7, max_new_tokens=16)
+    accepted = count_accepted(monkeypatch)
+    assert_same(decode_constrained(model, fmt, sample_questions, batch_size=7, max_new_tokens=16, draft_tokens=4),
+                plain)
+    assert sum(n for n, _ in accepted) > 0
