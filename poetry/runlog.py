@@ -21,12 +21,40 @@ from .config import Config, ConfigError, LogConfig, save_config
 
 TRACKER_PROJECT = "poetry-sft"  # the wandb/swanlab project; tensorboard events go to <run dir>/poetry-sft/
 
-CURVES = {  # file -> metric prefixes drawn in it
-    "loss.png": ("train/loss", "val/loss"),
-    "lr.png": ("train/lr",),
-    "val.png": ("val/acc", "val/bleu_words", "val/bleu_sents", "val/bertscore_words", "val/bertscore_sents",
-                "val/proxy_total", "val/total"),
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    title: str
+    y_label: str
+    keys: tuple[str, ...]  # the logged metrics drawn
+
+
+CURVES = {
+    "loss.png": Curve("Loss: training steps and held-out questions", "loss per target token (nats)",
+                      ("train/loss", "val/loss")),
+    "lr.png": Curve("Learning rate", "learning rate", ("train/lr",)),
+    "val.png": Curve("Held-out questions: scores of the decoded answers", "score (0 to 1)",
+                     ("val/acc", "val/bleu_words", "val/bleu_sents", "val/bertscore_words", "val/bertscore_sents",
+                      "val/proxy_total", "val/total")),
 }
+ZERO_SHOT_NOTE = "step 0: the base model before training (zero-shot)"
+
+
+def curve_figure(plt, curve: Curve, series: dict[str, list[tuple[int, float]]]):
+    """One PNG's figure: each metric's (step, value) points, a step-0 point starred as the zero-shot start."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for key, points in series.items():
+        line, = ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, markersize=3, label=key)
+        if points[0][0] == 0:  # where the curve would stay without training
+            ax.plot(*points[0], marker="*", markersize=12, color=line.get_color(), linestyle="none")
+    if any(points[0][0] == 0 for points in series.values()):
+        ax.plot([], [], marker="*", markersize=10, color="grey", linestyle="none", label=ZERO_SHOT_NOTE)
+    ax.set_title(curve.title)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(curve.y_label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, never over a curve
+    fig.tight_layout()
+    return fig
 
 
 def tracker_for(cfg: LogConfig) -> str | None:
@@ -188,19 +216,13 @@ class RunLog:
         import matplotlib.pyplot as plt
 
         written = []
-        for name, keys in CURVES.items():
+        for name, curve in CURVES.items():
             series = {k: [(r["step"], r[k]) for r in self.history if isinstance(r.get(k), (int, float))
-                          and math.isfinite(r[k])] for k in keys}
+                          and math.isfinite(r[k])] for k in curve.keys}
             series = {k: v for k, v in series.items() if v}
             if not series:
                 continue
-            fig, ax = plt.subplots(figsize=(7, 4))
-            for key, points in series.items():
-                ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, markersize=3, label=key)
-            ax.set_xlabel("optimizer step")
-            ax.grid(alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
+            fig = curve_figure(plt, curve, series)
             fig.savefig(self.dir / name, dpi=100)
             plt.close(fig)
             written.append(self.dir / name)

@@ -504,3 +504,24 @@ def test_infer_perplexity_on_the_exported_held_out_gold_is_the_runs_val_ppl(tiny
     ppl, mean = map(float, re.search(r"perplexity ([\d.]+): mean loss ([\d.]+) per target token", printed).groups())
     assert mean == pytest.approx(logged["val/loss"], rel=1e-6, abs=1e-6)
     assert ppl == pytest.approx(logged["val/ppl"], rel=1e-4)
+
+
+def test_curve_figures_name_their_axes_and_star_the_zero_shot_start():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from poetry.runlog import CURVES, ZERO_SHOT_NOTE, curve_figure
+
+    curve = CURVES["val.png"]
+    fig = curve_figure(plt, curve, {"val/acc": [(0, 0.25), (4, 0.5), (8, 0.75)], "val/bleu_words": [(4, 0.1)]})
+    [ax] = fig.axes
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == (curve.title, "optimizer step", curve.y_label)
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["val/acc", "val/bleu_words", ZERO_SHOT_NOTE]
+    starred = [line for line in ax.get_lines() if line.get_marker() == "*" and len(line.get_xdata())]
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in starred] == [([0], [0.25])]
+    plt.close(fig)
+    fig = curve_figure(plt, curve, {"val/acc": [(4, 0.5)]})  # no evaluation at step 0: nothing starred
+    assert ZERO_SHOT_NOTE not in [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    plt.close(fig)

@@ -7,7 +7,6 @@ from html import escape
 
 from ..runlog import CURVES
 
-TITLES = {"loss.png": "loss", "lr.png": "learning rate", "val.png": "validation (in-loop questions)"}
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 WIDTH, HEIGHT = 420, 200
 LEFT, RIGHT, TOP, BOTTOM = 56, 12, 10, 34  # margins for the axis labels: steps, then the axis name below them
@@ -85,10 +84,10 @@ def _legend(series: Series) -> str:
 def curves_html(records: list[dict]) -> str:
     """A figure per curve that has data, and a note when no evaluation ran at step 0."""
     figures = []
-    for name, keys in CURVES.items():
-        series = series_of(records, keys)
+    for curve in CURVES.values():
+        series = series_of(records, curve.keys)
         if series:
-            figures.append(f'<figure><figcaption><b>{TITLES.get(name, name)}</b> {_legend(series)}</figcaption>'
+            figures.append(f'<figure><figcaption><b>{curve.title}</b> {_legend(series)}</figcaption>'
                            f'{_chart(series)}</figure>')
     if not figures:
         return '<p class="note">metrics.jsonl holds no curve to draw.</p>'
