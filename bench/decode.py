@@ -104,12 +104,12 @@ class Counters:
         hooks = [head.register_forward_pre_hook(lambda *_: started.append(time.perf_counter())),
                  head.register_forward_hook(lambda *_: self._add("output layer", started.pop()))]
 
-        def counted_forward(model, rows, pad_id, draft_tokens=0):
+        def counted_forward(head, rows, *args):
             kind = ("prefill" if all(len(row.ids) == row.virtual for row in rows) else
                     "value tokens" if rows and len(rows[0].feed) == 1 else "forced runs")
             self.forwards, self.row_forwards = self.forwards + bool(rows), self.row_forwards + len(rows)
             begun = time.perf_counter()
-            forward(model, rows, pad_id, draft_tokens)
+            forward(head, rows, *args)
             self._add(kind, begun)
 
         def counted_verify(state, logits, draft):

@@ -54,6 +54,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from .data.records import OPTION_LETTERS, Answer, Question
+from .loss import TargetOnlyLoss
 from .model import CACHE_KEYWORD, VirtualTokens
 from .prompt import PromptFormat
 
@@ -325,9 +326,9 @@ def decode_constrained(model, fmt: PromptFormat, questions: list[Question], batc
         rows = [_Row(state, fmt.prompt_ids(q) + state.start(), prefix)
                 for q, state in zip(questions, states, strict=True)]
         poems = [(q.title, q.author, q.content) for q in questions]
+        head = TargetOnlyLoss(virtual.base if virtual else model)  # its decoder, and the output layer on chosen rows
         for batch in _batches([len(row.feed) for row in rows], batch_size, poems):
-            _decode_batch(virtual.base if virtual else model, [rows[i] for i in batch], padding_id(fmt),
-                          draft_tokens)
+            _decode_batch(head, [rows[i] for i in batch], padding_id(fmt), draft_tokens)
             if progress:
                 progress(len(batch))
     return [state.decoded() for state in states]
@@ -353,7 +354,7 @@ class _Row:
         return prompt_lookup(self.ids[self.virtual:] + self.feed, min(max_tokens, room)) if room > 0 else []
 
 
-def _decode_batch(model, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
+def _decode_batch(model: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
     """The prompts first, each poem's once; then rounds of two forwards: the rows due a forced run take it whole,
     then every row due one token takes it (a row that has just taken its run has chosen that token already), with
     up to `draft_tokens` drafts after it."""
@@ -389,7 +390,7 @@ def _shared_prompts(rows: list[_Row]) -> dict[_Row, tuple[_Row, int]]:
     return followers
 
 
-def _forward(model, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
+def _forward(model: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
     """Feeds each row its due tokens in one forward, and lets its state choose from the scores what is due next.
 
     Speculative, with `draft_tokens`: a row due one token of a value is also fed the tokens that prompt lookup
@@ -397,11 +398,12 @@ def _forward(model, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> Non
     one position at a time, as it would with one forward per token, for as long as the token it chooses is the next
     draft; the first choice that differs (another token, a forced run, a closing quote) is what is due next, and
     the keys and values of the drafts after it are dropped. Greedy answers are those of plain decoding by
-    construction; a longer forward may round differently, which in fp32 flips no choice on the tested models.
+    construction; a longer forward may round differently, which in fp32 flips no choice on the tested models. The
+    output layer runs on the positions whose scores are read only: a row's due token and its own drafts.
 
     Each row takes the last `width` tokens of its sequence, re-feeding some cached ones when it is due fewer than
     the widest, so that every row is contiguous, padded on the left only, and ends at the last position, where
-    logits_to_keep reads its scores. Padding in its middle, even masked, would narrow a sliding window, which
+    the output layer reads its scores. Padding in its middle, even masked, would narrow a sliding window, which
     counts cache slots. The cache is made without the model's config, so that every layer returns all its slots
     (a sliding-window layer keeps the last window only), and each row's keys and values are kept whole.
     """
@@ -415,7 +417,7 @@ def _forward(model, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> Non
     if any(n < row.virtual for n, row in zip(cached, rows, strict=True)):
         raise RuntimeError("a forward would feed a row's virtual tokens as ids; their keys and values are fixed")
     past = max(cached)
-    device = model_device(model)
+    device = model.lm_head.weight.device
     input_ids = torch.tensor([[pad_id] * (width - len(tokens)) + tokens for tokens in fed], device=device)
     mask = torch.tensor([[0] * (past - n) + [1] * n + [0] * (width - len(tokens)) + [1] * len(tokens)
                          for n, tokens in zip(cached, fed, strict=True)], device=device)
@@ -424,11 +426,13 @@ def _forward(model, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> Non
     # position-dependent RoPE scaling and rounding at large positions do: an answer must not depend on its batch
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
     cache = DynamicCache(_batched_kv(rows, cached, past)) if past else DynamicCache()
-    scored = 1 + max(map(len, drafts))  # positions whose scores are read: lm_head costs as much per position
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **{CACHE_KEYWORD: cache},
-                use_cache=True, logits_to_keep=scored)
+    hidden = model.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                           **{CACHE_KEYWORD: cache}, use_cache=True).last_hidden_state
+    # the output layer (a 262k-row matmul on Gemma) on each row's due token and its own drafts only
+    scored = [1 + len(draft) for draft in drafts]
+    logits = model.target_logits(torch.cat([hidden[b, width - n:] for b, n in enumerate(scored)])).split(scored)
     for b, (row, sequence, draft) in enumerate(zip(rows, sequences, drafts, strict=True)):
-        accepted, row.feed = _verify(row.state, out.logits[b, scored - 1 - len(draft):].float(), draft)
+        accepted, row.feed = _verify(row.state, logits[b], draft)
         kept = len(sequence) - (len(draft) - accepted)
         row.ids, row.kv = sequence[:kept], [(layer.keys[b, :, -len(sequence):][:, :kept],
                                              layer.values[b, :, -len(sequence):][:, :kept]) for layer in cache.layers]

@@ -259,7 +259,7 @@ def test_a_forced_run_costs_no_forward_of_its_own(model, fmt, sample_questions, 
     """One forward per choice the model makes (a value's token, the letter), whatever the length of the forced
     skeleton between choices."""
     forwards, choices = [], []
-    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    hook = model.get_decoder().register_forward_pre_hook(lambda module, args: forwards.append(1))
     advance = _AnswerState.advance
     monkeypatch.setattr(_AnswerState, "advance", lambda state, logits: choices.append(1) or advance(state, logits))
     try:
@@ -436,7 +436,7 @@ def test_speculative_decoding_equals_plain_decoding_in_every_family(family_model
 def test_right_drafts_save_forwards_and_natural_ones_change_nothing(model, fmt, sample_questions, monkeypatch):
     questions = sample_questions[:4]
     forwards = []
-    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    hook = model.get_decoder().register_forward_pre_hook(lambda module, args: forwards.append(1))
     try:
         states = record_states(monkeypatch)
         plain = decode_constrained(model, fmt, questions, batch_size=2, max_new_tokens=8)
