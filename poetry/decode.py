@@ -326,9 +326,9 @@ def decode_constrained(model, fmt: PromptFormat, questions: list[Question], batc
         rows = [_Row(state, fmt.prompt_ids(q) + state.start(), prefix)
                 for q, state in zip(questions, states, strict=True)]
         poems = [(q.title, q.author, q.content) for q in questions]
-        head = TargetOnlyLoss(virtual.base if virtual else model)  # its decoder, and the output layer on chosen rows
+        lm = TargetOnlyLoss(virtual.base if virtual else model)  # its decoder, and its output layer on chosen rows
         for batch in _batches([len(row.feed) for row in rows], batch_size, poems):
-            _decode_batch(head, [rows[i] for i in batch], padding_id(fmt), draft_tokens)
+            _decode_batch(lm, [rows[i] for i in batch], padding_id(fmt), draft_tokens)
             if progress:
                 progress(len(batch))
     return [state.decoded() for state in states]
@@ -354,7 +354,7 @@ class _Row:
         return prompt_lookup(self.ids[self.virtual:] + self.feed, min(max_tokens, room)) if room > 0 else []
 
 
-def _decode_batch(model: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
+def _decode_batch(lm: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
     """The prompts first, each poem's once; then rounds of two forwards: the rows due a forced run take it whole,
     then every row due one token takes it (a row that has just taken its run has chosen that token already), with
     up to `draft_tokens` drafts after it."""
@@ -363,16 +363,16 @@ def _decode_batch(model: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_to
     # A row's virtual slots cannot be fed again, as a row shorter than the batch's widest feed would be: with them,
     # each prompt (and each follower's rest of a prompt) is fed alone; every later feed is shorter than any prompt.
     for prompts in ([row] for row in leaders) if rows[0].virtual else [leaders]:
-        _forward(model, prompts, pad_id)
+        _forward(lm, prompts, pad_id)
     for row, (leader, shared) in followers.items():
         kept = row.virtual + shared
         row.ids, row.kv = leader.ids[:kept], [(keys[:, :kept], values[:, :kept]) for keys, values in leader.kv]
         row.feed = row.feed[shared:]
         if row.virtual:
-            _forward(model, [row], pad_id)
+            _forward(lm, [row], pad_id)
     while rows := [row for row in rows if row.feed]:
-        _forward(model, [row for row in rows if len(row.feed) > 1], pad_id)
-        _forward(model, [row for row in rows if len(row.feed) == 1], pad_id, draft_tokens)
+        _forward(lm, [row for row in rows if len(row.feed) > 1], pad_id)
+        _forward(lm, [row for row in rows if len(row.feed) == 1], pad_id, draft_tokens)
 
 
 def _shared_prompts(rows: list[_Row]) -> dict[_Row, tuple[_Row, int]]:
@@ -390,7 +390,7 @@ def _shared_prompts(rows: list[_Row]) -> dict[_Row, tuple[_Row, int]]:
     return followers
 
 
-def _forward(model: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
+def _forward(lm: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
     """Feeds each row its due tokens in one forward, and lets its state choose from the scores what is due next.
 
     Speculative, with `draft_tokens`: a row due one token of a value is also fed the tokens that prompt lookup
@@ -417,7 +417,7 @@ def _forward(model: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens:
     if any(n < row.virtual for n, row in zip(cached, rows, strict=True)):
         raise RuntimeError("a forward would feed a row's virtual tokens as ids; their keys and values are fixed")
     past = max(cached)
-    device = model.lm_head.weight.device
+    device = lm.lm_head.weight.device
     input_ids = torch.tensor([[pad_id] * (width - len(tokens)) + tokens for tokens in fed], device=device)
     mask = torch.tensor([[0] * (past - n) + [1] * n + [0] * (width - len(tokens)) + [1] * len(tokens)
                          for n, tokens in zip(cached, fed, strict=True)], device=device)
@@ -426,11 +426,11 @@ def _forward(model: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens:
     # position-dependent RoPE scaling and rounding at large positions do: an answer must not depend on its batch
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
     cache = DynamicCache(_batched_kv(rows, cached, past)) if past else DynamicCache()
-    hidden = model.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                           **{CACHE_KEYWORD: cache}, use_cache=True).last_hidden_state
+    hidden = lm.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, **{CACHE_KEYWORD: cache},
+                        use_cache=True).last_hidden_state
     # the output layer (a 262k-row matmul on Gemma) on each row's due token and its own drafts only
     scored = [1 + len(draft) for draft in drafts]
-    logits = model.target_logits(torch.cat([hidden[b, width - n:] for b, n in enumerate(scored)])).split(scored)
+    logits = lm.target_logits(torch.cat([hidden[b, width - n:] for b, n in enumerate(scored)])).split(scored)
     for b, (row, sequence, draft) in enumerate(zip(rows, sequences, drafts, strict=True)):
         accepted, row.feed = _verify(row.state, logits[b], draft)
         kept = len(sequence) - (len(draft) - accepted)
