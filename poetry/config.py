@@ -135,7 +135,7 @@ class EvalConfig:
     batch_size: int = 8
     loss: bool = True  # validation loss / perplexity
     decode: bool = True  # constrained decoding on validation questions: accuracy and BLEU curves
-    max_questions: int = 64  # subset of validation questions decoded in the loop; 0 = all
+    max_questions: int = 64  # the first validation questions scored in the loop (loss and answers); 0 = all
     max_new_tokens: int = 64  # per-value token budget
     # prompt-lookup drafts verified per value token (poetry.decode, speculative): the same greedy answers in fewer
     # forwards; 0 = off

@@ -46,9 +46,18 @@ class Validator:
         self.parallel, self.autocast, self.heartbeat = parallel, autocast, heartbeat
         self.device = parallel.accelerator.device
 
+    @cached_property
+    def loss_dataset(self):
+        """The tokenised validation questions among the first eval.max_questions, the ones decoded: the loss and the
+        answers describe the same poems, and the cap bounds the loss's cost too (a forward over every token)."""
+        dataset, cap = self.data.val_dataset, self.cfg.max_questions
+        if dataset is None or not cap:
+            return dataset
+        return dataset.select([row for row, example in enumerate(dataset["example"]) if example < cap])
+
     @property
     def scores_loss(self) -> bool:
-        return self.cfg.loss and self.data.val_dataset is not None and len(self.data.val_dataset) > 0
+        return self.cfg.loss and self.loss_dataset is not None and len(self.loss_dataset) > 0
 
     @property
     def decodes(self) -> bool:
@@ -58,13 +67,13 @@ class Validator:
         """What one evaluation does, for the line printed as it starts."""
         parts = []
         if self.scores_loss:
-            parts.append(f"loss on {len(self.data.val_dataset)} validation examples")
+            parts.append(f"loss on {len(self.loss_dataset)} validation examples")
         if self.decodes:
             parts.append(f"decoding {len(self.data.val_examples[:self.cfg.max_questions or None])} questions")
         return ", ".join(parts) or "nothing to evaluate (no validation poems)"
 
     def loss(self, loss_module) -> dict[str, float]:
-        totals = target_loss_sums(loss_module, self.data.val_dataset, self.cfg.batch_size, self.collate, self.device,
+        totals = target_loss_sums(loss_module, self.loss_dataset, self.cfg.batch_size, self.collate, self.device,
                                   self.autocast, self.parallel.shard)
         mean, ppl = perplexity(*self.parallel.sum(totals).tolist())
         return {"val/loss": mean, "val/ppl": ppl}

@@ -479,8 +479,9 @@ def test_train_state_round_trips_every_counter():
     assert restored == state and set(state.state_dict()) == {f.name for f in dataclasses.fields(state)}
 
 
+@pytest.mark.parametrize("max_questions", [0, 2])  # 2: the loss of the decoded questions only, as in the demo
 def test_infer_perplexity_on_the_exported_held_out_gold_is_the_runs_val_ppl(tiny_model_dir, few_poems, tmp_path,
-                                                                             capsys):
+                                                                             capsys, max_questions):
     import importlib.util
 
     from poetry.data.__main__ import main as data_main
@@ -489,16 +490,20 @@ def test_infer_perplexity_on_the_exported_held_out_gold_is_the_runs_val_ppl(tiny
     infer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(infer)
     cfg = config(tiny_model_dir, few_poems, tmp_path / "run", "train.max_steps=2", "eval.every=2",
-                 "train.save_every=2", "data.val_fraction=0.3", "data.max_items=100")  # one whole question a poem
+                 "train.save_every=2", "data.val_fraction=0.3", "data.max_items=100",  # one whole question a poem
+                 f"eval.max_questions={max_questions}")
     run_dir, _ = train_script.train(cfg)
     logged = next(m for m in metrics(run_dir) if "val/ppl" in m and m["step"] == 2)
     scored = int(re.search(r"loss on (\d+) validation examples", capsys.readouterr().out).group(1))
-    assert data_main(["export-val", "--config", str(run_dir / "config.yaml"), "--out", str(tmp_path / "heldout")]) == 0
-    assert f"{scored} complete validation questions" in capsys.readouterr().out  # the same questions, all of them
+    heldout = tmp_path / "heldout"
+    assert data_main(["export-val", "--config", str(run_dir / "config.yaml"), "--out", str(heldout)]) == 0
+    exported = int(re.search(r"(\d+) complete validation questions", capsys.readouterr().out).group(1))
+    assert scored == (max_questions or exported) < exported + (not max_questions)  # the cap bit, or all were scored
+    for name in ("questions.json", "gold.json"):  # the loop's first questions are the export's first
+        (heldout / name).write_text(json.dumps(json.loads((heldout / name).read_text())[:scored], ensure_ascii=False))
     checkpoint = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     assert infer.main(["perplexity", "--model", str(tiny_model_dir), "--adapter", str(checkpoint), "--dtype", "fp32",
-                       "--input", str(tmp_path / "heldout" / "questions.json"),
-                       "--gold", str(tmp_path / "heldout" / "gold.json"),
+                       "--input", str(heldout / "questions.json"), "--gold", str(heldout / "gold.json"),
                        "--batch-size", str(cfg.eval.batch_size)]) == 0
     printed = capsys.readouterr().out
     ppl, mean = map(float, re.search(r"perplexity ([\d.]+): mean loss ([\d.]+) per target token", printed).groups())
