@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from .errors import DataError, Issue, Loaded
-from .records import OPTION_LETTERS, Answer, Poem, Question
+from .records import OPTION_LETTERS, Answer, Poem, Question, Verse
 
 OnInvalid = Literal["error", "skip"]
 
@@ -207,7 +207,22 @@ def _poem(fields: _Fields, source: str) -> Poem:
 
 def load_poems(path: str | Path, on_invalid: OnInvalid = "error") -> Loaded:
     """Training poems from a `train-data` tree (every `train.json` below it), a JSON list, or JSONL."""
-    path = Path(path)
+    return _load_tree(Path(path), _poem, on_invalid)
+
+
+def _verse(fields: _Fields, source: str) -> Verse:
+    form = fields.text("form", required=False, nullable=True)
+    return Verse(title=(fields.text("title", required=False) or "").strip(),
+                 content=(fields.text("content") or "").strip(), form=form.strip() if form else None, source=source)
+
+
+def load_verses(path: str | Path) -> list[Verse]:
+    """Poems to check against their forms: `{content, title?, form?}` records from a train-data tree (a 词's
+    词牌 is in its title), a JSON list, or JSONL. Other fields are ignored; an invalid record is an error."""
+    return _load_tree(Path(path), _verse, "error").records
+
+
+def _load_tree(path: Path, build: Callable[[_Fields, str], object], on_invalid: OnInvalid) -> Loaded:
     if path.is_dir():
         files = sorted(path.rglob("train.json"))
         if not files:
@@ -217,7 +232,7 @@ def load_poems(path: str | Path, on_invalid: OnInvalid = "error") -> Loaded:
     loaded = Loaded([])
     for file in files:
         shown = str(file.relative_to(path.parent)) if path.is_dir() else str(file)
-        part = _load(file, _poem, on_invalid, shown)
+        part = _load(file, build, on_invalid, shown)
         loaded.records.extend(part.records)
         loaded.skipped.extend(part.skipped)
         loaded.skipped_records += part.skipped_records

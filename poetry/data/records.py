@@ -28,6 +28,16 @@ class Poem:
 
 
 @dataclass(frozen=True)
+class Verse:
+    """A poem to check against a form: its text, and its form when the record names it (else inferred)."""
+
+    title: str
+    content: str
+    form: str | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
 class Question:
     """One evaluation item: explain `qa_words`, translate `qa_sents`, pick the emotion among `choose`.
 

@@ -1,0 +1,148 @@
+"""`python -m poetry.prosody check PATH`: each poem against its form (given by `--form`, by the record's `form`, by
+the 词牌 in its title, or by its shape), with every violation, and a table per form.
+`python -m poetry.prosody coverage PATH...`: how many of the poems' characters the tone table classifies."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..data import DataError, Verse, load_verses
+from .check import PoemCheck, check_poem, poem_lines
+from .forms import FORMS, Form, form_named, infer_form
+from .tables import rhyme_table
+
+
+def _form_of(verse: Verse, forced: Form | None) -> Form | None:
+    if forced:
+        return forced
+    if verse.form:
+        try:
+            return form_named(verse.form)
+        except ValueError as err:
+            raise ValueError(f"{verse.source}: field 'form': {err}") from None
+    lyric = "宋词" in Path((verse.source or "").rsplit(":", 1)[0]).parts  # the official folder of 词
+    return infer_form(verse.title, poem_lines(verse.content), lyric)
+
+
+def check(args, console: Console) -> None:
+    forced = form_named(args.form) if args.form else None
+    verses = load_verses(args.path)
+    results: list[tuple[Verse, PoemCheck | None]] = []
+    for verse in verses:
+        form = _form_of(verse, forced)
+        results.append((verse, check_poem(verse.content, form, loose=args.tones == "loose") if form else None))
+    if not args.quiet:
+        for verse, result in results:
+            _print_poem(console, verse, result)
+    console.print(_summary(results, args.tones))
+    unchecked = sum(result is None for _, result in results)
+    if unchecked:
+        console.print(f"{unchecked} of {len(results)} poems are of no known form and were not checked "
+                      f"(known: {', '.join(f.name for f in FORMS)})", highlight=False, soft_wrap=True)
+    if args.json:
+        rows = [{"source": v.source, "title": v.title, **(_as_row(r) if r else {"form": None})} for v, r in results]
+        Path(args.json).write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+def _as_row(result: PoemCheck) -> dict:
+    row = asdict(result)
+    row.update(ok=result.ok, tone_share=result.tone_share, violations=[str(v) for v in result.violations])
+    return row
+
+
+def _print_poem(console: Console, verse: Verse, result: PoemCheck | None) -> None:
+    head = f"{verse.source} 《{verse.title}》"
+    if result is None:
+        shape = ",".join(str(len(line)) for line in poem_lines(verse.content))
+        console.print(f"{head}: no known form (line lengths {shape}), not checked", highlight=False, soft_wrap=True)
+        return
+    verdict = "regular" if result.ok else f"{len(result.violations)} violations"
+    rhyme = f"rhyme {'right' if result.rhyme_ok else 'wrong'} ({' / '.join(result.rhymes) or '-'})"
+    lines = f"lines {'right' if result.lines_ok else 'wrong'}"
+    tones = f"tones {result.tones_right}/{result.tones_checked} ({result.tone_share:.0%})"
+    unknown = f"; not in the table: {''.join(result.unknown)}" if result.unknown else ""
+    console.print(f"{head} {result.form} {result.pattern}: {verdict}; {lines}; {rhyme}; {tones}{unknown}",
+                  highlight=False, soft_wrap=True)
+    for violation in result.violations:
+        console.print(f"  {violation}", highlight=False, soft_wrap=True)
+
+
+def _summary(results: list[tuple[Verse, PoemCheck | None]], tones: str) -> Table:
+    rule = "the 1-3-5 allowance applied" if tones == "loose" else "every position"
+    table = Table(title=f"prosody check ({tones} tones: {rule})")
+    for column in ("form", "poems", "lines right", "rhyme right", "tone positions right", "regular"):
+        table.add_column(column, justify="left" if column == "form" else "right")
+    by_form: dict[str, list[PoemCheck]] = {}
+    for _, result in results:
+        if result:
+            by_form.setdefault(result.form, []).append(result)
+    for form in FORMS:
+        found = by_form.get(form.name)
+        if not found:
+            continue
+        right, checked = sum(r.tones_right for r in found), sum(r.tones_checked for r in found)
+        table.add_row(form.name, str(len(found)), str(sum(r.lines_ok for r in found)),
+                      str(sum(r.rhyme_ok for r in found)), f"{right}/{checked} ({right / max(checked, 1):.1%})",
+                      str(sum(r.ok for r in found)))
+    return table
+
+
+def coverage(args, console: Console) -> None:
+    table = rhyme_table()
+    counts, missing = Counter(), Counter()
+    for path in args.paths:
+        for verse in load_verses(path):
+            for char in verse.content:
+                if "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf":
+                    counts[path] += 1
+                    missing[path, char] += 0 if table.knows(char) else 1
+    for path in args.paths:
+        lacking = Counter({char: n for (p, char), n in missing.items() if p == path and n})
+        total = counts[path]
+        known = total - sum(lacking.values())
+        listed = " ".join(f"{char}×{n}" for char, n in lacking.most_common())
+        console.print(f"{path}: {known} of {total} characters classified ({known / max(total, 1):.2%})"
+                      + (f"; not in the table: {listed}" if listed else ""), highlight=False, soft_wrap=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m poetry.prosody", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check_help = "check poems against their forms: line lengths, rhyme, tones"
+    checker = sub.add_parser("check", help=check_help, description=check_help)
+    checker.add_argument("path", help="a train-data directory, a JSON list or a JSONL file of {content, title?, form?}")
+    checker.add_argument("--form", help=f"check every poem as this form: {', '.join(f.name for f in FORMS)}")
+    checker.add_argument("--tones", choices=["loose", "strict"], default="loose",
+                         help="loose: regulated verse's 1st, 3rd (and 5th) characters are free (default: %(default)s)")
+    checker.add_argument("--quiet", action="store_true", help="the table only, not each poem")
+    checker.add_argument("--json", metavar="OUT", help="also write each poem's check to this JSON file")
+    coverage_help = "share of the poems' characters the tone table classifies"
+    cover = sub.add_parser("coverage", help=coverage_help, description=coverage_help)
+    cover.add_argument("paths", nargs="+", help="train-data directories, JSON lists or JSONL files")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        {"check": check, "coverage": coverage}[args.command](args, console)
+    except DataError as err:
+        print(f"error: {err.one_line()}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
