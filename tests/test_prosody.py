@@ -1,12 +1,13 @@
 """Prosody: the 平水韵 table's tones and rhymes, the forms' patterns, and the rule-based checker and its CLI."""
 import json
+import re
 
 import pytest
 
 from poetry.data import DataError, load_verses
 from poetry.prosody.__main__ import main
-from poetry.prosody.check import check_poem, poem_lines
-from poetry.prosody.forms import FORMS, form_named, infer_form
+from poetry.prosody.check import check_poem
+from poetry.prosody.forms import FORMS, form_named, infer_form, poem_lines
 from poetry.prosody.tables import LEVEL, OBLIQUE, rhyme_table
 
 DENGGUANQUE = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
@@ -197,3 +198,42 @@ def test_coverage_cli_counts_classified_characters(tmp_path, capsys):
     poems = _write(tmp_path / "poems.json", [{"content": DENGGUANQUE}, {"content": "这是什么"}])
     assert main(["coverage", str(poems)]) == 0
     assert "23 of 24 characters classified (95.83%); not in the table: 这×1" in capsys.readouterr().out
+
+
+def test_writing_scores_count_form_rhyme_tones_diversity_and_copying():
+    from poetry.prosody.score import score_writing
+
+    broken = BAIDI.replace("还", "去")  # a tone and a rhyme wrong
+    short = "朝辞白帝彩云间，千里江陵一日还。"  # two lines: not the form
+    jueju = form_named("七言绝句")
+    scores = score_writing([(jueju, BAIDI), (jueju, broken), (jueju, short)], corpus=[DENGGUANQUE, "两岸猿声啼不住。"])
+    assert (scores.poems, scores.form, scores.rhyme, scores.regular) == (3, 2 / 3, 1 / 3, 1 / 3)
+    assert scores.tone == 31 / 32  # of the two poems of the right form, 16 positions each
+    lines = poem_lines(BAIDI) + poem_lines(broken) + poem_lines(short)
+    unigrams = [c for line in lines for c in line]
+    assert scores.distinct_1 == len(set(unigrams)) / len(unigrams)
+    bigrams = [line[i:i + 2] for line in lines for i in range(len(line) - 1)]
+    assert scores.distinct_2 == len(set(bigrams)) / len(bigrams)
+    assert scores.copied_lines == 2 / 10 and scores.poems_with_copied_line == 2 / 3
+    assert (scores.longest_copy, scores.mean_longest_copy) == (7, (7 + 7 + 2) / 3)  # 千里 of 欲穷千里目 in the third
+    assert score_writing([(jueju, BAIDI)]).longest_copy is None
+
+
+def test_score_cli_reads_infer_write_output_and_checker_records_side_by_side(tmp_path, capsys):
+    written = _write(tmp_path / "written.json", [
+        {"form": "七言绝句", "title": "a", "poems": [{"text": BAIDI}, {"text": BAIDI.replace("还", "去")}]}])
+    plain = _write(tmp_path / "plain.json", [{"title": "登鹳雀楼", "content": DENGGUANQUE}])
+    corpus = _write(tmp_path / "corpus.json", [{"title": "x", "content": DENGGUANQUE}])
+    assert main(["score", str(written), str(plain), "--label", "best", "--label", "plain",
+                 "--corpus", str(corpus)]) == 0
+    out = capsys.readouterr().out
+    assert "copying against 1 corpus" in out and "best" in out and "plain" in out
+    assert re.search(r"lines copied whole\s+│\s+0\.000\s+│\s+1\.000", out)
+    assert main(["score", str(written), "--all-candidates"]) == 0
+    assert re.search(r"every rule\s+│\s+0\.500", capsys.readouterr().out)
+    bad = _write(tmp_path / "bad.json", [{"form": "七言绝句", "poems": ["not an object"]}])
+    assert main(["score", str(bad)]) == 2
+    assert f"error: {bad}:record 0: field 'poems': expected a list of {{text: the poem}}" in capsys.readouterr().err
+    shapeless = _write(tmp_path / "shapeless.json", [{"content": "东临碣石，以观沧海。"}])
+    assert main(["score", str(shapeless)]) == 2
+    assert "1 poems of no known form" in capsys.readouterr().err

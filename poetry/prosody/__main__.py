@@ -1,5 +1,7 @@
 """`python -m poetry.prosody check PATH`: each poem against its form (given by `--form`, by the record's `form`, by
 the 词牌 in its title, or by its shape), with every violation, and a table per form.
+`python -m poetry.prosody score FILE... [--corpus PATH]`: writing metrics of written poems (infer.py write's output,
+or `{content, form?, title?}` records), side by side: form, rhyme and tone rates, Distinct-1/2, copying.
 `python -m poetry.prosody coverage PATH...`: how many of the poems' characters the tone table classifies."""
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..data import DataError, Verse, load_verses
-from .check import PoemCheck, check_poem, poem_lines
-from .forms import FORMS, Form, form_named, infer_form
+from ..data import DataError, Issue, Verse, load_verses
+from ..data.io import loads
+from .check import PoemCheck, check_poem
+from .forms import FORMS, Form, form_named, poem_form, poem_lines
+from .score import score_writing
 from .tables import rhyme_table
 
 
@@ -27,8 +31,7 @@ def _form_of(verse: Verse, forced: Form | None) -> Form | None:
             return form_named(verse.form)
         except ValueError as err:
             raise ValueError(f"{verse.source}: field 'form': {err}") from None
-    lyric = "宋词" in Path((verse.source or "").rsplit(":", 1)[0]).parts  # the official folder of 词
-    return infer_form(verse.title, poem_lines(verse.content), lyric)
+    return poem_form(verse.title, verse.content, verse.source)
 
 
 def check(args, console: Console) -> None:
@@ -94,6 +97,50 @@ def _summary(results: list[tuple[Verse, PoemCheck | None]], tones: str) -> Table
     return table
 
 
+def score(args, console: Console) -> None:
+    corpus = [verse.content for path in args.corpus for verse in load_verses(path)] if args.corpus else None
+    labels = args.label or [Path(path).stem for path in args.paths]
+    if len(labels) != len(args.paths):
+        raise ValueError(f"{len(labels)} --label for {len(args.paths)} files")
+    table = Table(title=f"writing metrics ({args.tones} tones)" + (f", copying against {len(corpus)} corpus poems"
+                                                                    if corpus is not None else ""))
+    table.add_column("metric")
+    columns = []
+    for label, path in zip(labels, args.paths, strict=True):
+        table.add_column(label, justify="right")
+        columns.append(score_writing(_written_poems(path, args.all_candidates), corpus, args.tones == "loose").rows())
+    for index, (name, _) in enumerate(columns[0]):
+        table.add_row(name, *(column[index][1] for column in columns))
+    console.print(table)
+
+
+def _written_poems(path: str, all_candidates: bool) -> list[tuple[Form, str]]:
+    """(form, text) of each poem: infer.py write's output (its best candidate, or all), else checker records."""
+    try:
+        records = loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise DataError([Issue(path, None, None, f"invalid JSON: {err}")]) from None
+    if isinstance(records, list) and records and all(isinstance(r, dict) and "poems" in r for r in records):
+        poems = []
+        for number, record in enumerate(records):
+            try:
+                form = form_named(str(record.get("form")))
+            except ValueError as err:
+                raise DataError([Issue(path, number, "form", str(err))]) from None
+            texts = [p.get("text") if isinstance(p, dict) else None for p in record["poems"] or [None]]
+            if not isinstance(record["poems"], list) or not all(isinstance(t, str) and t for t in texts):
+                raise DataError([Issue(path, number, "poems", "expected a list of {text: the poem}")])
+            poems += [(form, text) for text in (texts if all_candidates else texts[:1])]
+        return poems
+    verses = load_verses(path)
+    known = [(_form_of(verse, None), verse.content) for verse in verses]
+    unknown = [verse.source for (form, _), verse in zip(known, verses, strict=True) if form is None]
+    if unknown:
+        raise DataError([Issue(path, None, None, f"{len(unknown)} poems of no known form (first: {unknown[0]}); "
+                                                 f"give each its form")])
+    return known
+
+
 def coverage(args, console: Console) -> None:
     table = rhyme_table()
     counts, missing = Counter(), Counter()
@@ -124,6 +171,14 @@ def _parser() -> argparse.ArgumentParser:
                          help="loose: regulated verse's 1st, 3rd (and 5th) characters are free (default: %(default)s)")
     checker.add_argument("--quiet", action="store_true", help="the table only, not each poem")
     checker.add_argument("--json", metavar="OUT", help="also write each poem's check to this JSON file")
+    score_help = "writing metrics of written poems, side by side"
+    scorer = sub.add_parser("score", help=score_help, description=score_help)
+    scorer.add_argument("paths", nargs="+", help="infer.py write outputs, or JSON lists of {content, form?, title?}")
+    scorer.add_argument("--label", action="append", help="a column name for each file (default: its name)")
+    scorer.add_argument("--corpus", action="append", help="training poems to measure copying against (repeatable)")
+    scorer.add_argument("--tones", choices=["loose", "strict"], default="loose", help="as check's (default: loose)")
+    scorer.add_argument("--all-candidates", action="store_true",
+                        help="score every candidate of infer.py write's output, not only the best")
     coverage_help = "share of the poems' characters the tone table classifies"
     cover = sub.add_parser("coverage", help=coverage_help, description=coverage_help)
     cover.add_argument("paths", nargs="+", help="train-data directories, JSON lists or JSONL files")
@@ -134,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
     try:
-        {"check": check, "coverage": coverage}[args.command](args, console)
+        {"check": check, "score": score, "coverage": coverage}[args.command](args, console)
     except DataError as err:
         print(f"error: {err.one_line()}", file=sys.stderr)
         return 2

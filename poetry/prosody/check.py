@@ -6,19 +6,11 @@ A character the table lacks is neither counted right nor wrong; it is listed.
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 
-from .forms import EITHER, Form, Pattern
+from .forms import EITHER, Form, Pattern, poem_lines
 from .tables import LEVEL, RhymeTable, rhyme_table
-
-_BREAKS = re.compile(r"[，。？！；、：,.?!;:\s\u3000]+")
-
-
-def poem_lines(content: str) -> list[str]:
-    """The clauses of a poem, without punctuation: a line of a 绝句, a clause of a 词."""
-    return [line for line in _BREAKS.split(content) if line]
 
 
 @dataclass(frozen=True)
@@ -127,7 +119,7 @@ def _check_rhymes(lines: list[str], form: Form, pattern: Pattern, table: RhymeTa
         ends = [(index, lines[index][-1]) for index, spec in enumerate(pattern.lines) if spec.rhyme == chain]
         if not ends:
             continue
-        choices = {index: _rhyme_classes(char, tone, form.regulated, table) for index, char in ends}
+        choices = {index: rhyme_classes(char, tone, form.regulated, table) for index, char in ends}
         counts = Counter(name for found in choices.values() for name in found)
         if not counts:
             faults += [Violation(i + 1, len(lines[i]), c, "rhyme", f"a {tone} rhyme") for i, c in ends]
@@ -149,7 +141,7 @@ def _borrowed_first_rhyme(index: int, char: str, group: str, form: Form, table: 
     return any(found.ci_sections & sections for found in table.groups_of(char) if found.tone == LEVEL)
 
 
-def _rhyme_classes(char: str, tone: str, regulated: bool, table: RhymeTable) -> set[str]:
+def rhyme_classes(char: str, tone: str, regulated: bool, table: RhymeTable) -> set[str]:
     """Where a rhyme character may rhyme: its 平水韵 groups of that tone, or, for a 词, their 词林正韵 部."""
     groups = [group for group in table.groups_of(char) if group.tone == tone]
     if regulated:

@@ -10,11 +10,19 @@ https://github.com/hulbji/couyun: each position 平, 仄 or 中 (either), each r
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from .tables import LEVEL, OBLIQUE
 
 EITHER = "中"
+_BREAKS = re.compile(r"[，。？！；、：,.?!;:\s\u3000]+")
+
+
+def poem_lines(content: str) -> list[str]:
+    """The clauses of a poem, without punctuation: a line of a 绝句, a clause of a 词."""
+    return [line for line in _BREAKS.split(content) if line]
 
 
 @dataclass(frozen=True)
@@ -132,3 +140,19 @@ def infer_form(title: str, lines: list[str], lyric: bool = False) -> Form | None
     if lyric:
         return None
     return next((form for form in FORMS if form.regulated and tuple(map(len, lines)) == form.line_lengths), None)
+
+
+def poem_form(title: str, content: str, source: str | None = None) -> Form | None:
+    """infer_form for a record: one read from the official data's 宋词 folder (its `source`, "train-data/宋词/
+    train.json:3") is a 词."""
+    lyric = source is not None and "宋词" in PurePath(source.rsplit(":", 1)[0]).parts
+    return infer_form(title, poem_lines(content), lyric)
+
+
+def writing_title(title: str, form: Form) -> str:
+    """The title to ask a poem of `form` by: a 词's subtitle after its 词牌 (如梦令·常记溪亭日暮 -> 常记溪亭日暮),
+    nothing when the title is the 词牌 alone, else the title."""
+    tune, _, subtitle = title.partition("·")
+    if not form.regulated and tune.strip() in (form.name, *form.aliases):
+        return subtitle.strip()
+    return title.strip()
