@@ -10,7 +10,11 @@
                     [--max-new-tokens N] [--system-prompt TEXT] [--dtype auto|fp32|bf16|fp16]
     python infer.py perplexity --model DIR [--adapter DIR [--no-merge]] --input questions.json --gold gold.json
                     [--batch-size N] [--system-prompt TEXT] [--dtype auto|fp32|bf16|fp16]
-    python infer.py serve --model DIR [--adapter DIR [--no-merge]] [--host 127.0.0.1 --port 8000]
+    python infer.py write --model DIR [--adapter DIR [--no-merge]] (--form 七言绝句 --title 秋思 | --input F --output F)
+                    [--rhyme 十一尤] [--tones strict|loose|off] [--n 4 --temperature 0.8 --top-p 0.9 --seed 0]
+                    [--decode constrained|free]
+                    [--batch-size N] [--system-prompt TEXT] [--dtype auto|fp32|bf16|fp16]
+    python infer.py serve --model DIR [--adapter DIR [--no-merge]] [--host 127.0.0.1 --port 8000] [--api-key KEY]
                     [--served-model-name NAME] [--max-batch N] [--max-wait-ms MS] [--max-queue N] [--max-chat-tokens N]
                     [--choose ...] [--max-new-tokens N] [--draft-tokens K] [--system-prompt TEXT] [--dtype ...]
 
@@ -36,9 +40,16 @@ template, or the plain template's answer cue; see PromptFormat.chat_ids).
 target token averaged over all of them, exp of it. On a run's held-out questions (python -m poetry.data export-val)
 with its checkpoint and dtype it is the run's val/ppl at that step.
 
+`write` writes poems in a form (see poetry.write): the form forced line by line, one character a token, rhymes in
+one group, and with `--tones` each position's tone; each poem is printed with its check (poetry.prosody). With
+`--input` (a JSON list or JSONL of `{form, title}`), all are written and `--output` gets each one's candidates and
+checks. `--n` candidates (sampled: `--temperature` > 0) are ranked by the model's mean log-probability.
+
 `serve` answers over HTTP (see poetry.serve): POST /v1/answer takes evaluation questions and returns what predict
 would write for them, concurrent requests batched together; POST /v1/chat/completions is OpenAI's chat API,
-streaming included. It needs the `serve` extra: pip install -e '.[serve]'.
+streaming included; POST /v1/poems writes as `write` does. With `--api-key` (or POETRY_API_KEY) every endpoint but
+/health wants `Authorization: Bearer <key>`; serving beyond loopback without one warns. It needs the `serve`
+extra: pip install -e '.[serve]'.
 
 `--dtype auto` (the default) picks bf16 where the hardware computes it natively (a GPU that supports it, a CPU with
 avx512_bf16/amx_bf16), else fp16 on a GPU and fp32 on a CPU: bf16 on a CPU without native support runs ~20x slower
@@ -49,13 +60,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import ipaddress
+import json
+import os
 import sys
 import time
 import typing
 
 from poetry.config import ChoiceMethod
 
-SUBCOMMANDS = ("predict", "merge", "chat", "perplexity", "serve")
+SUBCOMMANDS = ("predict", "merge", "chat", "perplexity", "serve", "write")
 HELP_FLAGS = ("-h", "--help")
 # poetry.precision.DTYPES and auto, spelled out here because importing poetry.precision loads torch
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -165,6 +179,31 @@ def _parser() -> argparse.ArgumentParser:
     scoring.add_argument("--system-prompt", default="",
                          help="system message the model was trained with (default: none)")
 
+    writing = _subcommand(commands, "write", "write poems in a given form, each printed with its prosody check")
+    _model_arguments(writing)
+    _merge_argument(writing)
+    writing.add_argument("--form", help="五言绝句, 七言绝句, 五言律诗, 七言律诗 (or 五绝 ...), 如梦令, 忆江南, 长相思, "
+                                        "浣溪沙 or 清平乐")
+    writing.add_argument("--title", default="", help="the poem's title (default: none)")
+    writing.add_argument("--input", help="instead of --form/--title: a JSON list or JSONL of {form, title}")
+    writing.add_argument("--output", help="with --input: where to write each poem's candidates and checks (JSON)")
+    writing.add_argument("--rhyme", help="the 平水韵 group to rhyme in, e.g. 十一尤 (default: the first rhyme's)")
+    writing.add_argument("--tones", choices=["strict", "loose", "off"], default="loose",
+                         help="the tone asked at each position: strict everywhere, loose with regulated verse's "
+                              "1-3-5 allowance, or off (default: %(default)s)")
+    writing.add_argument("--decode", choices=["constrained", "free"], default="constrained",
+                         help="constrained forces the form, rhyme and tones; free lets the model write, for "
+                              "comparison (default: %(default)s)")
+    writing.add_argument("--n", type=_positive, default=1, help="candidates a poem, best first (default: %(default)s)")
+    writing.add_argument("--temperature", type=float, default=0.0,
+                         help="0 is greedy; above, sampling (needed for --n > 1) (default: %(default)s)")
+    writing.add_argument("--top-p", type=float, default=0.9, help="nucleus mass when sampling (default: %(default)s)")
+    writing.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    writing.add_argument("--batch-size", type=_positive, default=8,
+                         help="poems written together (default: %(default)s)")
+    writing.add_argument("--system-prompt", default="",
+                         help="system message the model was trained with (default: none)")
+
     serving = _subcommand(commands, "serve", "answer questions and chat over HTTP (FastAPI + uvicorn)")
     _model_arguments(serving)
     _merge_argument(serving)
@@ -181,6 +220,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="questions (a chat counts one) admitted at once; more get 503 (default: %(default)s)")
     serving.add_argument("--max-chat-tokens", type=_positive, default=512,
                          help="the largest max_tokens a chat request may ask (default: %(default)s)")
+    serving.add_argument("--api-key", default=os.environ.get("POETRY_API_KEY") or None,
+                         help="every endpoint but /health then wants `Authorization: Bearer <key>` (default: the "
+                              "POETRY_API_KEY environment variable, else none)")
     return parser
 
 
@@ -197,6 +239,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "predict" and args.decode == "free" and any(a.split("=")[0] == "--choose" for a in argv):
         parser.error("--choose applies to constrained decoding; free decoding reads choose_id from the text")
+    if args.command == "write" and (bool(args.form) == bool(args.input) or bool(args.input) != bool(args.output)):
+        parser.error("give --form (and --title), or --input with --output")
     return args
 
 
@@ -213,14 +257,24 @@ from poetry.builtin import resolve_model_path  # noqa: E402
 from poetry.checkpoint import resolve_adapter  # noqa: E402
 from poetry.choice import answer_questions  # noqa: E402
 from poetry.config import ConfigError, ModelConfig  # noqa: E402
-from poetry.data import DataError, Example, check_submission, load_answers, load_questions, write_submission  # noqa: E402
+from poetry.data import (  # noqa: E402
+    DataError,
+    Example,
+    check_submission,
+    load_answers,
+    load_questions,
+    load_writing_requests,
+    write_submission,
+)
 from poetry.decode import UnsupportedTokenizer, chat, decode_free, model_device  # noqa: E402
 from poetry.feed import Collator  # noqa: E402
 from poetry.loss import TargetOnlyLoss  # noqa: E402
 from poetry.model import is_prompt_learning, load_model, load_tokenizer  # noqa: E402
 from poetry.precision import choose, default_device  # noqa: E402
 from poetry.prompt import PromptFormat, tokenize_examples  # noqa: E402
+from poetry.prosody import form_named  # noqa: E402
 from poetry.validation import perplexity, target_loss_sums  # noqa: E402
+from poetry.write import Sampling, write_poems  # noqa: E402
 
 
 def _dtype(requested: str, device: str) -> str:
@@ -400,17 +454,85 @@ def _perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write(args: argparse.Namespace) -> int:
+    """Poems in a form, each printed with its check; with --input, every request's candidates to --output."""
+    try:  # before the model: bad input fails at once
+        requests = [(form_named(args.form), args.title)] if args.form else [
+            (_form_of(verse), verse.title) for verse in load_writing_requests(args.input)]
+        sampling = Sampling(args.temperature, args.top_p, args.seed)
+    except ValueError as err:
+        return _error(str(err))
+    model, tokenizer = _load(args)
+    fmt = PromptFormat(tokenizer, system_prompt=args.system_prompt)
+    try:
+        with _Progress(len(requests) * args.n, "writing") as progress:
+            results = write_poems(model, fmt, requests, args.n, args.tones, args.rhyme, sampling, args.batch_size,
+                                  progress.advance, constrained=args.decode == "constrained")
+    except ValueError as err:  # --rhyme unknown, or of the wrong tone for the form; --n without sampling
+        return _error(str(err))
+    for (form, title), candidates in zip(requests, results, strict=True):
+        print(f"《{title}》 {form.name}" if title else form.name, flush=True)
+        for rank, written in enumerate(candidates, start=1):
+            print(f"{rank}. {written.text}\n   {_verdict(written)}", flush=True)
+            for violation in written.check.violations:
+                print(f"   {violation}", flush=True)
+    every = [w for candidates in results for w in candidates]
+    if args.decode == "constrained":
+        print(_excluded(every), flush=True)
+    if args.output:
+        rows = [{"form": form.name, "title": title, "poems": [w.to_json() for w in candidates]}
+                for (form, title), candidates in zip(requests, results, strict=True)]
+        with open(args.output, "w", encoding="utf-8") as out:
+            json.dump(rows, out, ensure_ascii=False, indent=1)
+        print(f"wrote {len(every)} poems to {args.output}", flush=True)
+    return 0
+
+
+def _excluded(written: list) -> str:
+    """What allowing one character a token took from the model, where it wrote."""
+    positions = sum(w.positions for w in written)
+    mass = sum(w.several_mass * w.positions for w in written) / positions
+    return (f"one character a token: the model's most likely token held several characters at "
+            f"{sum(w.several_top for w in written)} of {positions} positions, and such tokens {mass:.1%} of its "
+            f"probability there")
+
+
+def _form_of(verse):
+    try:
+        return form_named(verse.form)
+    except ValueError as err:
+        raise ValueError(f"{verse.source}: field 'form': {err}") from None
+
+
+def _verdict(written) -> str:
+    check = written.check
+    regular = "regular" if check.ok else f"{len(check.violations)} violations"
+    return (f"{regular}; {check.pattern}; rhyme {'/'.join(check.rhymes)} {'right' if check.rhyme_ok else 'wrong'}; "
+            f"tones {check.tones_right}/{check.tones_checked}; mean log-prob {written.mean_logprob:.3f}")
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401  (poetry.serve's)
         import uvicorn
     except ImportError as err:
         return _error(f"serving needs the serve extra ({err.name} is missing): pip install -e '.[serve]'")
+    if not args.api_key and not _loopback(args.host):
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches the port can use the model "
+              f"(--api-key, or POETRY_API_KEY)", file=sys.stderr, flush=True)
     app = _app(args)
     print(f"serving {args.served_model_name!r} on http://{args.host}:{args.port} (POST /v1/answer, "
-          f"POST /v1/chat/completions, GET /health, GET /v1/models)", flush=True)
+          f"POST /v1/chat/completions, POST /v1/poems, GET /health, GET /v1/models"
+          f"{'; an API key is required' if args.api_key else ''})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _app(args: argparse.Namespace):
@@ -420,9 +542,9 @@ def _app(args: argparse.Namespace):
     model, tokenizer = _load(args)
     fmt = PromptFormat(tokenizer, system_prompt=args.system_prompt)
     cfg = ServeConfig(model_name=args.served_model_name, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1e3,
-                      max_queue=args.max_queue, max_chat_tokens=args.max_chat_tokens)
+                      max_queue=args.max_queue, max_chat_tokens=args.max_chat_tokens, api_key=args.api_key)
     return create_app(functools.partial(_answers, model, fmt, args), functools.partial(chat, model, fmt), cfg,
-                      {"model_path": args.model, "adapter": args.adapter})
+                      {"model_path": args.model, "adapter": args.adapter}, functools.partial(_poems, model, fmt, args))
 
 
 def _answers(model, fmt: PromptFormat, args: argparse.Namespace, questions: list) -> list:
@@ -430,6 +552,12 @@ def _answers(model, fmt: PromptFormat, args: argparse.Namespace, questions: list
     return [decoded.answer for decoded in answer_questions(model, fmt, questions, args.max_batch,
                                                            args.max_new_tokens, None, args.choose,
                                                            args.choose_prior_weight, args.draft_tokens)]
+
+
+def _poems(model, fmt: PromptFormat, args: argparse.Namespace, requests: list, n: int, tones: str, rhyme,
+           sampling, constrained: bool) -> list:
+    """What write prints for one request: its candidates, best first."""
+    return write_poems(model, fmt, requests, n, tones, rhyme, sampling, args.max_batch, None, constrained)
 
 
 def _error(message: str) -> int:
@@ -440,7 +568,7 @@ def _error(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     command = {"predict": _predict, "merge": _merge, "chat": _chat, "perplexity": _perplexity,
-               "serve": _serve}[args.command]
+               "serve": _serve, "write": _write}[args.command]
     try:
         return command(args)
     except DataError as err:

@@ -80,6 +80,9 @@ class DataConfig:
     max_items: int = 3  # words / sentences per built question, as in the official eval items
     # also train each poem's right option text after the poem alone: what eval.choose=likelihood* scores
     emotion_examples: bool = True
+    # also teach writing: each poem of a form poetry.prosody knows (五言/七言 绝句 and 律诗 by their shape, five 词牌
+    # by their title) gives "写一首<form>，题为《<title>》。" -> the poem; validation logs val/writing_loss
+    writing_examples: bool = False
     on_invalid: Literal["error", "skip"] = "error"
     system_prompt: str = ""  # optional system message for chat templates
 

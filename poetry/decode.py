@@ -148,6 +148,12 @@ def _vocab(tokenizer, size: int, device: str, end_ids: tuple[int, ...]) -> _Voca
                   frozenset(i for i, text in enumerate(texts) if '"' in text))
 
 
+def token_texts(model, fmt: PromptFormat) -> list[str]:
+    """Each id's text decoded alone, for the ids the tokenizer knows (cached per tokenizer)."""
+    return _vocab(fmt.tokenizer, model.get_output_embeddings().out_features, str(model_device(model)),
+                  tuple(fmt.end_ids)).texts
+
+
 def option_letter_ids(fmt: PromptFormat) -> list[int]:
     """The ids of A-D as the value of choose_id; raises UnsupportedTokenizer unless each is one token there."""
     ids = []
@@ -198,6 +204,18 @@ class _AnswerState:
     def ids(self) -> list[int]:
         """The whole answer's token ids."""
         return self.emitted + self.tail
+
+    @property
+    def prompt_key(self) -> tuple:
+        """Rows with equal keys ask about one poem: the engine feeds its prompt once for them (`_shared_prompts`)."""
+        return self.question.title, self.question.author, self.question.content
+
+    def draft_room(self) -> int:
+        """How many drafted tokens may follow the one due: inside a value and its budget only (the token that fills
+        the budget closes the value)."""
+        if self.done or self.skeleton.slots[self.slot] is None:
+            return 0
+        return self.max_new_tokens - len(self.value_ids) - 1
 
     def _piece_ids(self, tail: str) -> list[int]:
         """Ids of the fixed piece after the current slot, tokenised together with the value's text that shared
@@ -319,26 +337,33 @@ def decode_constrained(model, fmt: PromptFormat, questions: list[Question], batc
     answers in fewer forwards."""
     if draft_tokens < 0:
         raise ValueError(f"draft_tokens must be 0 (off) or positive, got {draft_tokens}")
+    states = _states(model, fmt, questions, max_new_tokens, pick)
+    drive(model, fmt, states, [fmt.prompt_ids(q) for q in questions], batch_size, progress, draft_tokens)
+    return [state.decoded() for state in states]
+
+
+def drive(model, fmt: PromptFormat, states: list, prompts: list[list[int]], batch_size: int,
+          progress: Progress | None = None, draft_tokens: int = 0) -> None:
+    """The engine, whatever the constraint: each state, fed its prompt and its forced start, chooses from the
+    scores what is fed next until it is done, in batches of rows with their own keys and values. A state has
+    `start() -> ids`, `advance(logits) -> ids` (nothing once done), `draft_room() -> int` (drafts allowed after
+    the due token) and `prompt_key` (states with equal keys share their prompt's keys and values)."""
     virtual = VirtualTokens.of(model)
     with inference(model):
-        states = _states(model, fmt, questions, max_new_tokens, pick)
         prefix = virtual.kv() if virtual else []
-        rows = [_Row(state, fmt.prompt_ids(q) + state.start(), prefix)
-                for q, state in zip(questions, states, strict=True)]
-        poems = [(q.title, q.author, q.content) for q in questions]
+        rows = [_Row(state, prompt + state.start(), prefix) for state, prompt in zip(states, prompts, strict=True)]
         lm = TargetOnlyLoss(virtual.base if virtual else model)  # its decoder, and its output layer on chosen rows
-        for batch in _batches([len(row.feed) for row in rows], batch_size, poems):
+        for batch in _batches([len(row.feed) for row in rows], batch_size, [state.prompt_key for state in states]):
             _decode_batch(lm, [rows[i] for i in batch], padding_id(fmt), draft_tokens)
             if progress:
                 progress(len(batch))
-    return [state.decoded() for state in states]
 
 
 class _Row:
     """One sequence of a batch with its own keys and values, so that it can be fed any number of tokens at once.
     A prompt-learning adapter's virtual tokens are its first `len(prefix)` slots: cached, never fed."""
 
-    def __init__(self, state: _AnswerState, feed: list[int], prefix: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, state, feed: list[int], prefix: list[tuple[torch.Tensor, torch.Tensor]]):
         self.state = state
         self.virtual = prefix[0][0].shape[1] if prefix else 0
         self.ids: list[int] = [VIRTUAL_ID] * self.virtual  # the tokens `kv` holds
@@ -346,12 +371,9 @@ class _Row:
         self.feed = feed  # the tokens due next; scores are wanted after the last
 
     def drafts(self, max_tokens: int) -> list[int]:
-        """Guessed tokens to verify after the one due, inside the value being written and its budget."""
-        state = self.state
-        if not max_tokens or state.done or state.skeleton.slots[state.slot] is None or len(self.feed) != 1:
-            return []
-        room = state.max_new_tokens - len(state.value_ids) - 1  # the token that fills the budget closes the value
-        return prompt_lookup(self.ids[self.virtual:] + self.feed, min(max_tokens, room)) if room > 0 else []
+        """Guessed tokens to verify after the one due, as many as its state allows there."""
+        room = min(max_tokens, self.state.draft_room()) if len(self.feed) == 1 else 0
+        return prompt_lookup(self.ids[self.virtual:] + self.feed, room) if room > 0 else []
 
 
 def _decode_batch(lm: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
@@ -381,8 +403,7 @@ def _shared_prompts(rows: list[_Row]) -> dict[_Row, tuple[_Row, int]]:
     first: dict[tuple, _Row] = {}
     followers = {}
     for row in rows:
-        question = row.state.question
-        leader = first.setdefault((question.title, question.author, question.content), row)
+        leader = first.setdefault(row.state.prompt_key, row)
         if leader is not row:
             common = next((i for i, (a, b) in enumerate(zip(leader.feed, row.feed, strict=False)) if a != b),
                           min(len(leader.feed), len(row.feed)))
@@ -438,7 +459,7 @@ def _forward(lm: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: in
                                              layer.values[b, :, -len(sequence):][:, :kept]) for layer in cache.layers]
 
 
-def _verify(state: _AnswerState, logits: torch.Tensor, draft: list[int]) -> tuple[int, list[int]]:
+def _verify(state, logits: torch.Tensor, draft: list[int]) -> tuple[int, list[int]]:
     """How many draft tokens the state chooses itself given the scores at each fed position (the due token's, then
     each draft's), and the tokens due after the last one it accepts."""
     for position, token in enumerate(draft):

@@ -18,6 +18,7 @@ import torch
 
 from .config import DataConfig
 from .data import DataError, Example, Issue, QuestionBuilder, load_poems, split_poems, validation_examples
+from .data.questions import validation_writing_examples
 from .prompt import IGNORE_INDEX, PromptFormat, tokenize_examples
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class TaskData:
             raise DataError([Issue(cfg.train, None, None, f"no training poems left after the validation split "
                                                           f"({split})")])
         self.builder = QuestionBuilder(self.train_poems, seed=seed, max_items=cfg.max_items,
-                                       emotion_examples=cfg.emotion_examples)
+                                       emotion_examples=cfg.emotion_examples, writing_examples=cfg.writing_examples)
         self._epochs: dict = {}
         self.dropped_train: dict[int, int] = {}  # epoch -> its questions longer than data.max_len, once tokenised
 
@@ -67,6 +68,16 @@ class TaskData:
     @cached_property
     def val_dataset(self):
         return tokenize_examples(self.val_examples, self.fmt, self.cfg.max_len) if self.val_examples else None
+
+    @cached_property
+    def val_writing_examples(self) -> list[Example]:
+        """The held-out poems' writing examples (data.writing_examples): none when off."""
+        return validation_writing_examples(self.val_poems) if self.cfg.writing_examples else []
+
+    @cached_property
+    def val_writing_dataset(self):
+        examples = self.val_writing_examples
+        return tokenize_examples(examples, self.fmt, self.cfg.max_len) if examples else None
 
     @property
     def dropped_val(self) -> int:

@@ -27,6 +27,10 @@ gets its empty think block; without one (base models such as Gemma-3-270M) the p
 The emotion prompt (`emotion_prompt_ids`) is the poem's lines alone, ending in `EMOTION_CUE`: the context in which
 poetry.choice scores each option's text, and which an emotion example (data.emotion_examples) trains, its target
 being the right option's text and the end of the turn.
+
+The writing prompt (`writing_prompt_ids`, data.writing_examples) is a user message `写一首<form>，题为《<title>》。`
+(`写一首<form>。` without a title), answered as a question is; its target is the poem, whitespace removed, and the
+end of the turn.
 """
 from __future__ import annotations
 
@@ -58,6 +62,10 @@ def _render_poem(question: Question, head: str) -> list[str]:
 def render_emotion_prompt(question: Question) -> str:
     """The poem alone, then the cue after which an option's text is scored (poetry.choice, by likelihood)."""
     return "\n".join([*_render_poem(question, "请阅读下面这首古典诗词。"), EMOTION_CUE])
+
+
+def render_writing_prompt(form: str, title: str) -> str:
+    return f"写一首{form}，题为《{title}》。" if title else f"写一首{form}。"
 
 
 def render_user(question: Question) -> str:
@@ -129,7 +137,12 @@ class PromptFormat:
         return [self.tokenizer.eos_token_id]
 
     def prompt_ids(self, question: Question) -> list[int]:
-        text = render_user(question)
+        return self._user_ids(render_user(question))
+
+    def writing_prompt_ids(self, form: str, title: str) -> list[int]:
+        return self._user_ids(render_writing_prompt(form, title))
+
+    def _user_ids(self, text: str) -> list[int]:
         if self.chat:
             return _ids(self.tokenizer.apply_chat_template(
                 self._messages(text), add_generation_prompt=True, tokenize=True, enable_thinking=False))
@@ -173,7 +186,8 @@ class PromptFormat:
 
     def encode(self, example: Example) -> dict:
         """input_ids and labels (the prompt masked); an emotion example also carries its four options' ids, their
-        lengths in characters and the right one's index, which the choice loss scores (others carry none, -1)."""
+        lengths in characters and the right one's index, which the choice loss scores (others carry none, -1). A
+        writing example's target is its poem."""
         options = {"choice_ids": [], "choice_chars": [], "choice_right": -1}
         if example.emotion_only:
             question = example.question
@@ -182,6 +196,9 @@ class PromptFormat:
             options = {"choice_ids": [self.text_ids(text) for text in question.choose.values()],
                        "choice_chars": [len(text) for text in question.choose.values()],
                        "choice_right": list(question.choose).index(example.answer.choose_id)}
+        elif example.form:
+            prompt = self.writing_prompt_ids(example.form, example.question.title)
+            target = self.text_ids(example.question.content) + self.end_ids
         else:
             prompt, target = self.prompt_ids(example.question), self.target_ids(example.answer)
         return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target,

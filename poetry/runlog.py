@@ -30,11 +30,11 @@ class Curve:
 
 CURVES = {
     "loss.png": Curve("Loss: training steps and held-out questions", "loss per target token (nats)",
-                      ("train/loss", "val/loss")),
+                      ("train/loss", "val/loss", "val/writing_loss")),
     "lr.png": Curve("Learning rate", "learning rate", ("train/lr",)),
-    "val.png": Curve("Held-out questions: scores of the decoded answers", "score (0 to 1)",
+    "val.png": Curve("Held-out questions and poems: scores of what the model wrote", "score (0 to 1)",
                      ("val/acc", "val/bleu_words", "val/bleu_sents", "val/bertscore_words", "val/bertscore_sents",
-                      "val/proxy_total", "val/total")),
+                      "val/proxy_total", "val/total", "val/writing_form", "val/writing_rhyme", "val/writing_tone")),
 }
 ZERO_SHOT_NOTE = "step 0: the base model before training (zero-shot)"
 

@@ -6,14 +6,21 @@
   `max_wait_s` for company when the model is idle), so a burst of one-question requests costs a few batched decodes.
 - `POST /v1/chat/completions`: OpenAI's chat API, whole or streamed as server-sent events, so the `openai` package
   works unchanged. Greedy at temperature 0; the prompt is rendered as in training (`PromptFormat.chat_ids`).
+- `POST /v1/poems`: `{form, title, rhyme?, tones?, n?, temperature?, top_p?, seed?, decode?}` in, the poems
+  written in that form (poetry.write) out, best first, each with its prosody check: what `infer.py write` prints.
 - `GET /health` (the queue, and the batch sizes formed so far), `GET /v1/models`.
+
+With an API key (`infer.py serve --api-key`, or POETRY_API_KEY), every endpoint but /health answers 401 unless the
+request carries `Authorization: Bearer <key>`, as OpenAI's and vLLM's servers do: the openai client's `api_key`
+works unchanged.
 
 One thread owns the model: batches and chat replies run on it one at a time in arrival order, while the event loop
 keeps accepting and validating requests. At most `max_queue` questions wait (a chat counts as one); a request that
 would exceed that gets 503 with Retry-After, the seconds the queue ahead of it is expected to take.
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a body that is not JSON or
-a question that does not validate (naming record and field, as the file loaders do), 422 for a chat request that
-does not fit the schema (naming the field), 404 for another model's name, 503 when full, and 500, without a
+a question that does not validate (naming record and field, as the file loaders do), or a poem request naming an
+unknown form or rhyme, 401 without the API key, 422 for a chat or poem request that does not fit the schema (naming
+the field), 404 for another model's name, 503 when full, and 500, without a
 traceback, only if decoding itself fails; a batch that fails is retried request by request, so one request's
 failure never costs another its answers.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import math
@@ -40,6 +48,8 @@ from starlette.exceptions import HTTPException
 from .data import Answer, DataError, Question, check_submission, parse_questions
 from .data.io import loads
 from .decode import Reply
+from .prosody import form_named
+from .write import Sampling, WritingError, Written, rhyme_group
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,7 @@ class ServeConfig:
     max_queue: int = 256  # questions (a chat counts one) waiting or running; beyond it, 503
     max_chat_tokens: int = 512  # the largest max_tokens a chat request may ask for
     max_body_bytes: int = 8 << 20
+    api_key: str | None = None  # when set, every endpoint but /health wants `Authorization: Bearer <key>`
 
 
 class ApiError(Exception):
@@ -74,6 +85,7 @@ class ServeStats:
     requests: int = 0
     questions: int = 0
     chats: int = 0
+    poems: int = 0
     rejected: int = 0  # 503s
     failed: int = 0  # 500s
     batch_questions: Counter = field(default_factory=Counter)  # questions per decode -> decodes
@@ -82,7 +94,7 @@ class ServeStats:
     def as_json(self) -> dict:
         def sizes(counter: Counter) -> dict:
             return {str(size): counter[size] for size in sorted(counter)}
-        return {"requests": self.requests, "questions": self.questions, "chats": self.chats,
+        return {"requests": self.requests, "questions": self.questions, "chats": self.chats, "poems": self.poems,
                 "rejected": self.rejected, "failed": self.failed, "decodes": sum(self.batch_questions.values()),
                 "batch_questions": sizes(self.batch_questions), "batch_requests": sizes(self.batch_requests)}
 
@@ -243,15 +255,35 @@ class ChatRequest(BaseModel):
 ChatFn = Callable[..., Reply]
 
 
+class PoemRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt option must not be silently ignored
+
+    form: str
+    title: str = ""
+    rhyme: str | None = None
+    tones: Literal["strict", "loose", "off"] = "loose"
+    n: int = Field(1, ge=1, le=16)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    seed: int = 0
+    decode: Literal["constrained", "free"] = "constrained"
+
+
+# ([(form, title)], n, tones, rhyme, sampling, constrained) -> each request's candidates, as poetry.write.write_poems
+WriteFn = Callable[..., list[list[Written]]]
+
+
 def _first_issue(err: RequestValidationError) -> tuple[str, str]:
     first = err.errors()[0]
     param = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
     return param, f"{param or 'body'}: {first.get('msg', 'invalid')}"
 
 
-def create_app(answer: AnswerFn, chat: ChatFn, cfg: ServeConfig, info: dict | None = None) -> FastAPI:
-    """The HTTP API over `answer` (questions -> answers, e.g. poetry.choice.answer_questions) and `chat`
-    (turns -> reply, e.g. poetry.decode.chat); `info` is shown by /health (model and adapter paths)."""
+def create_app(answer: AnswerFn, chat: ChatFn, cfg: ServeConfig, info: dict | None = None,
+               write: WriteFn | None = None) -> FastAPI:
+    """The HTTP API over `answer` (questions -> answers, e.g. poetry.choice.answer_questions), `chat` (turns ->
+    reply, e.g. poetry.decode.chat) and `write` (poems in a form, poetry.write.write_poems; without it /v1/poems
+    is 404); `info` is shown by /health (model and adapter paths)."""
     worker = ModelWorker(cfg.max_queue)
     stats = ServeStats()
     created = int(time.time())
@@ -266,6 +298,13 @@ def create_app(answer: AnswerFn, chat: ChatFn, cfg: ServeConfig, info: dict | No
         worker.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="poetry-sft", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def api_key(request: Request, call_next):
+        if cfg.api_key and request.url.path != "/health" and not _authorized(request, cfg.api_key):
+            return _error_response(401, "a valid API key is required: send the header Authorization: Bearer <key>",
+                                   kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -307,6 +346,28 @@ def create_app(answer: AnswerFn, chat: ChatFn, cfg: ServeConfig, info: dict | No
         stats.questions += len(questions)
         return [a.to_json() for a in answers]
 
+    @app.post("/v1/poems")
+    async def poems(body: PoemRequest):
+        if write is None:
+            raise ApiError(404, "this server does not write poems", kind="not_found")
+        try:
+            form = form_named(body.form)
+        except ValueError as err:
+            raise ApiError(400, str(err), "form") from None
+        sampling = Sampling(body.temperature, body.top_p, body.seed)
+        try:
+            rhyme_group([form], body.rhyme, body.n, sampling)  # before the queue: a bad request costs no wait
+        except WritingError as err:
+            raise ApiError(400, str(err), err.param) from None
+        worker.admit(body.n)
+        try:
+            (candidates,) = await worker.run(body.n, write, [(form, body.title)], body.n, body.tones, body.rhyme,
+                                             sampling, body.decode == "constrained")
+        finally:
+            worker.release(body.n)
+        stats.poems += body.n
+        return {"form": form.name, "title": body.title, "poems": [w.to_json() for w in candidates]}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         if body.model != cfg.model_name:
@@ -330,6 +391,11 @@ def create_app(answer: AnswerFn, chat: ChatFn, cfg: ServeConfig, info: dict | No
                 "usage": _usage(reply)}
 
     return app
+
+
+def _authorized(request: Request, key: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
 
 
 async def _body(request: Request, limit: int) -> object:

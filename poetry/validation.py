@@ -1,4 +1,7 @@
 """In-loop evaluation on the validation poems: loss / perplexity, and task metrics from constrained decoding.
+With data.writing_examples, the held-out poems' writing examples (form and title in, the poem out) give
+val/writing_loss and val/writing_ppl, and, decoding on, the poems the model writes freely for their forms and titles
+give val/writing_form, val/writing_rhyme and val/writing_tone (poetry.prosody's checker).
 
 Validation questions are fixed for the run (poetry.data.validation_examples), so every point of a curve scores the
 same questions. Metrics are computed on each rank's share and summed over ranks before averaging (under FSDP every
@@ -15,6 +18,8 @@ import torch
 from .choice import answer_questions
 from .config import EvalConfig
 from .metrics import BertScore, combine, score_answers
+from .prosody import form_named
+from .write import write_poems
 
 
 @torch.no_grad()
@@ -55,28 +60,48 @@ class Validator:
             return dataset
         return dataset.select([row for row, example in enumerate(dataset["example"]) if example < cap])
 
+    @cached_property
+    def writing_dataset(self):
+        """The held-out poems' writing examples (data.writing_examples), the first eval.max_questions of them."""
+        dataset, cap = self.data.val_writing_dataset, self.cfg.max_questions
+        if dataset is None or not cap:
+            return dataset
+        return dataset.select(range(min(cap, len(dataset))))
+
     @property
     def scores_loss(self) -> bool:
         return self.cfg.loss and self.loss_dataset is not None and len(self.loss_dataset) > 0
 
     @property
+    def scores_writing(self) -> bool:
+        return self.cfg.loss and self.writing_dataset is not None and len(self.writing_dataset) > 0
+
+    @property
     def decodes(self) -> bool:
         return self.cfg.decode and bool(self.data.val_examples)
+
+    @property
+    def writes(self) -> bool:
+        return self.cfg.decode and bool(self.data.val_writing_examples)
 
     def describe(self) -> str:
         """What one evaluation does, for the line printed as it starts."""
         parts = []
         if self.scores_loss:
             parts.append(f"loss on {len(self.loss_dataset)} validation examples")
+        if self.scores_writing:
+            parts.append(f"writing loss on {len(self.writing_dataset)} held-out poems")
         if self.decodes:
             parts.append(f"decoding {len(self.data.val_examples[:self.cfg.max_questions or None])} questions")
+        if self.writes:
+            parts.append(f"writing {len(self.data.val_writing_examples[:self.cfg.max_questions or None])} poems")
         return ", ".join(parts) or "nothing to evaluate (no validation poems)"
 
-    def loss(self, loss_module) -> dict[str, float]:
-        totals = target_loss_sums(loss_module, self.loss_dataset, self.cfg.batch_size, self.collate, self.device,
+    def loss(self, loss_module, dataset, prefix: str = "val/") -> dict[str, float]:
+        totals = target_loss_sums(loss_module, dataset, self.cfg.batch_size, self.collate, self.device,
                                   self.autocast, self.parallel.shard)
         mean, ppl = perplexity(*self.parallel.sum(totals).tolist())
-        return {"val/loss": mean, "val/ppl": ppl}
+        return {f"{prefix}loss": mean, f"{prefix}ppl": ppl}
 
     @cached_property
     def bertscore(self) -> BertScore | None:
@@ -109,12 +134,33 @@ class Validator:
                                                     means["bertscore_words"], means["bertscore_sents"]])
         return {f"val/{name}": value for name, value in means.items() if value is not None}
 
+    def write(self, loss_module, model) -> dict[str, float]:
+        """Poems written freely (greedy) for the held-out forms and titles, checked: the shares of the right form
+        and rhyme, and of tone positions right on the poems of the right form."""
+        examples = self.parallel.shard(self.data.val_writing_examples[:self.cfg.max_questions or None])
+        requests = [(form_named(example.form), example.question.title) for example in examples]
+        with self.autocast(), self.parallel.whole_model(loss_module):
+            written = write_poems(model, self.fmt, requests, batch_size=self.cfg.batch_size, constrained=False,
+                                  progress=self.heartbeat("validation writing", len(requests)))
+        checks = [candidates[0].check for candidates in written]
+        shaped = [check for check in checks if check.lines_ok]
+        local = [len(checks), len(shaped), sum(c.rhyme_ok for c in checks), sum(c.tones_right for c in shaped),
+                 sum(c.tones_checked for c in shaped)]
+        n, form, rhyme, right, checked = self.parallel.sum(
+            torch.tensor(local, dtype=torch.float64, device=self.device)).tolist()
+        metrics = {"val/writing_form": form / n, "val/writing_rhyme": rhyme / n}
+        return metrics | ({"val/writing_tone": right / checked} if checked else {})
+
     def run(self, loss_module, model) -> dict[str, float]:
         """Metrics for the current weights; leaves the model in eval mode (the loop switches it back)."""
         metrics: dict[str, float] = {}
         loss_module.eval()
         if self.scores_loss:
-            metrics.update(self.loss(loss_module))
+            metrics.update(self.loss(loss_module, self.loss_dataset))
+        if self.scores_writing:
+            metrics.update(self.loss(loss_module, self.writing_dataset, "val/writing_"))
         if self.decodes:
             metrics.update(self.decode(loss_module, model))
+        if self.writes:
+            metrics.update(self.write(loss_module, model))
         return metrics

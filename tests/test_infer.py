@@ -253,7 +253,7 @@ def test_unknown_subcommand_is_one_error_line(argv, capsys):
     printed = capsys.readouterr()
     assert exit_.value.code == 2 and printed.out == ""
     assert printed.err == (f"error: unknown subcommand {argv[0]!r}; choose one of predict, merge, chat, perplexity, "
-                           f"serve\n")
+                           f"serve, write\n")
 
 
 def test_options_first_still_mean_predict(capsys):

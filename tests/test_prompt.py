@@ -120,3 +120,18 @@ def test_a_conversation_renders_every_turn_and_ends_where_the_assistant_speaks(t
     plain.chat_template = None
     text = plain.decode(PromptFormat(plain).chat_ids(turns), skip_special_tokens=True)
     assert text == f"写一首七言绝句。{PLAIN_ANSWER_CUE}春眠不觉晓\n\n再写一首。{PLAIN_ANSWER_CUE}"
+
+
+def test_a_writing_example_asks_for_the_form_and_title_and_learns_the_poem(tokenizer):
+    poem = "朝辞白帝彩云间，千里江陵一日还。两岸猿声啼不住，轻舟已过万重山。"
+    example = Example(Question(0, "早发白帝城", poem, (), (), {}), Answer(0, {}, {}, None), form="七言绝句")
+    plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    plain.chat_template = None
+    for fmt, end in ((PromptFormat(tokenizer), "<|im_end|>"), (PromptFormat(plain), plain.eos_token)):
+        encoded = fmt.encode(example)
+        prompt = fmt.writing_prompt_ids("七言绝句", "早发白帝城")
+        assert encoded["labels"][:len(prompt)] == [IGNORE_INDEX] * len(prompt)
+        assert fmt.tokenizer.decode(encoded["labels"][len(prompt):]) == poem + end
+        assert "写一首七言绝句，题为《早发白帝城》。" in fmt.tokenizer.decode(prompt)
+    untitled = plain.decode(PromptFormat(plain).writing_prompt_ids("如梦令", ""))
+    assert untitled.endswith("写一首如梦令。" + PLAIN_ANSWER_CUE)

@@ -146,3 +146,20 @@ def test_folds_hold_every_poem_out_once_in_balanced_disjoint_folds():
     assert {p.key for p in split_poems(poems, 0.1, seed=1, folds=4, fold=2)[1]} != {p.key for p in held_out[2][1]}
     with pytest.raises(ValueError, match="fold in \\[0, 3\\]"):
         split_poems(poems, 0.1, folds=4, fold=4)
+
+
+def test_writing_examples_come_from_poems_of_a_known_form_with_the_form_and_title_asked():
+    jueju = Poem(title="早发白帝城", content="朝辞白帝彩云间，千里江陵一日还。\n两岸猿声啼不住，轻舟已过万重山。",
+                 keywords={}, trans="", emotion=None)
+    ci = Poem(title="如梦令·常记溪亭日暮", content="常记溪亭日暮，沉醉不知归路。兴尽晚回舟，误入藕花深处。争渡，争渡，"
+              "惊起一滩鸥鹭。", keywords={"溪亭": "溪边的亭子。"}, trans="", emotion="愉悦")
+    song_lyric = replace(jueju, title="玉楼春·春景", content=jueju.content * 2, source="train-data/宋词/train.json:0")
+    free = replace(jueju, title="观沧海", content="东临碣石，以观沧海。")
+    builder = QuestionBuilder([jueju, ci, song_lyric, free], writing_examples=True)
+    writing = [e for p in builder.poems for e in builder.examples(p, 0) if e.form]
+    assert [(e.form, e.question.title) for e in writing] == [("七言绝句", "早发白帝城"), ("如梦令", "常记溪亭日暮")]
+    assert writing[0].question.content == "朝辞白帝彩云间，千里江陵一日还。两岸猿声啼不住，轻舟已过万重山。"
+    assert builder.examples(jueju, 0) == writing[:1]  # a poem without glosses, translation or emotion still writes
+    plain = QuestionBuilder(builder.poems)
+    assert all(not e.form for p in plain.poems for e in plain.examples(p, 0))
+    assert [e for e in builder.examples(ci, 0) if not e.form] == plain.examples(ci, 0)  # task questions unchanged

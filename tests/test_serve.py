@@ -324,3 +324,100 @@ def test_a_stream_whose_client_hangs_up_stops_the_generation():
         wait_for(lambda: httpx.get(f"{base}/health").json()["queue"]["admitted"] == 0)
         held.gate.set()
         assert httpx.post(f"{base}/v1/answer", json=question(1)).status_code == 200
+
+
+# ---- poems, and the API key ----------------------------------------------------------------------------------------
+
+def test_poems_are_written_in_their_form_with_their_check(url):
+    response = httpx.post(f"{url}/v1/poems", json={"form": "七绝", "title": "秋思", "rhyme": "十一尤", "n": 2,
+                                                   "temperature": 0.9, "seed": 1}, timeout=300)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["form"] == "七言绝句" and body["title"] == "秋思" and len(body["poems"]) == 2
+    assert all(p["lines_ok"] and p["rhyme_ok"] and p["rhymes"] == ["十一尤"] for p in body["poems"])
+    assert body["poems"][0]["mean_logprob"] >= body["poems"][1]["mean_logprob"]
+    assert httpx.get(f"{url}/health").json()["stats"]["poems"] >= 2
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    ({"form": "八绝"}, 400, "form", "unknown form '八绝'"),
+    ({"form": "七绝", "rhyme": "十一犹"}, 400, "rhyme", "not a 平水韵 group"),
+    ({"form": "七绝", "rhyme": "二十五有"}, 400, "rhyme", "is 仄, but 七言绝句 rhymes 平"),
+    ({"form": "七绝", "n": 2}, 400, "n", "several candidates need sampling"),
+    ({"form": "七绝", "n": 17}, 422, "n", "less than or equal to 16"),
+    ({"form": "七绝", "tones": "exact"}, 422, "tones", "'strict', 'loose' or 'off'"),
+    ({"form": "七绝", "tone": "strict"}, 422, "tone", "Extra inputs are not permitted"),
+    ({"title": "秋思"}, 422, "form", "Field required"),
+])
+def test_a_malformed_poem_request_names_the_field(url, body, status, param, words):
+    response = httpx.post(f"{url}/v1/poems", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"] and "Traceback" not in response.text
+
+
+def test_without_a_writer_the_poem_endpoint_is_404():
+    held = HeldModel()
+    held.gate.set()
+    with serving(create_app(held.answer, held.chat, ServeConfig())) as base:
+        response = httpx.post(f"{base}/v1/poems", json={"form": "七绝"})
+    assert response.status_code == 404 and "does not write poems" in response.json()["error"]["message"]
+
+
+def stand_in_poems(requests, n, tones, rhyme, sampling, constrained):
+    from poetry.prosody import check_poem
+    from poetry.write import Written
+
+    text = "朝辞白帝彩云间，千里江陵一日还。两岸猿声啼不住，轻舟已过万重山。"
+    return [[Written(title, text, (), -1.0, check_poem(text, form), 0.0, 0, 28) for _ in range(n)]
+            for form, title in requests]
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/v1/answer", [QUESTIONS[0]]),
+    ("POST", "/v1/chat/completions", {"model": "poetry", "messages": [{"role": "user", "content": "你好"}]}),
+    ("POST", "/v1/poems", {"form": "七绝"}),
+    ("GET", "/v1/models", None),
+])
+def test_with_an_api_key_every_endpoint_but_health_wants_it(method, path, body):
+    held = HeldModel()
+    held.gate.set()
+    app = create_app(held.answer, held.chat, ServeConfig(api_key="s3cret", max_wait_s=0.0), write=stand_in_poems)
+    with serving(app) as base:
+        def call(headers: dict) -> httpx.Response:
+            return httpx.request(method, f"{base}{path}", json=body, headers=headers, timeout=30)
+
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}):
+            refused = call(headers)
+            assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+            assert refused.json()["error"]["type"] == "authentication_error"
+        assert call({"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{base}/health").status_code == 200  # for load balancers, without the key
+
+
+def test_the_openai_client_passes_its_api_key_unchanged():
+    import openai
+
+    held = HeldModel()
+    held.gate.set()
+    app = create_app(held.answer, held.chat, ServeConfig(api_key="s3cret"))
+    with serving(app) as base:
+        good = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        reply = good.chat.completions.create(model="poetry", messages=[{"role": "user", "content": "你好"}])
+        assert reply.choices[0].message.content == "字"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_serving_beyond_loopback_without_a_key_warns(monkeypatch, capsys, tiny_model_dir):
+    monkeypatch.setattr(infer, "_app", lambda args: None)
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: None)
+    monkeypatch.delenv("POETRY_API_KEY", raising=False)
+    for host, warned in (("0.0.0.0", True), ("127.0.0.1", False), ("::1", False), ("localhost", False)):
+        assert infer.main(["serve", "--model", str(tiny_model_dir), "--host", host]) == 0
+        assert ("warning: serving on" in capsys.readouterr().err) == warned, host
+    monkeypatch.setenv("POETRY_API_KEY", "s3cret")
+    assert infer.main(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err and "an API key is required" in captured.out

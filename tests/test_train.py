@@ -530,3 +530,44 @@ def test_curve_figures_name_their_axes_and_star_the_zero_shot_start():
     fig = curve_figure(plt, curve, {"val/acc": [(4, 0.5)]})  # no evaluation at step 0: nothing starred
     assert ZERO_SHOT_NOTE not in [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
     plt.close(fig)
+
+
+def test_writing_examples_train_and_their_held_out_loss_and_rates_are_logged_as_a_hand_computation_gives_them(
+        tiny_model_dir, few_poems, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from poetry.data import load_poems, split_poems
+    from poetry.data.questions import validation_writing_examples
+    from poetry.model import load_tokenizer
+    from poetry.prompt import IGNORE_INDEX, PromptFormat
+    from poetry.prosody import form_named
+    from poetry.write import write_poems
+
+    cfg = config(tiny_model_dir, few_poems, tmp_path, "train.max_steps=2", "eval.every=2", "train.save_every=2",
+                 "data.val_fraction=0.4", "data.writing_examples=true", "eval.max_questions=2", "eval.decode=true",
+                 "eval.max_new_tokens=2")
+    run_dir, _ = train_script.train(cfg)
+    logged = next(m for m in metrics(run_dir) if "val/writing_loss" in m)
+    _, val = split_poems(load_poems(few_poems).records, cfg.data.val_fraction, cfg.data.split_seed)
+    examples = validation_writing_examples(val)[:2]
+    printed = capsys.readouterr().out
+    assert len(examples) == 2 and "writing loss on 2 held-out poems" in printed and "writing 2 poems" in printed
+    fmt = PromptFormat(load_tokenizer(str(tiny_model_dir)))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                      sorted((run_dir / "checkpoints").glob("step-*"))[-1]).eval()
+    total, count = 0.0, 0
+    for example in examples:
+        encoded = fmt.encode(example)
+        with torch.no_grad():
+            logits = model(torch.tensor([encoded["input_ids"]])).logits[0, :-1]
+        labels = torch.tensor(encoded["labels"][1:])
+        total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((labels != IGNORE_INDEX).sum())
+    assert logged["val/writing_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert logged["val/writing_ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    # the rates of the poems it wrote freely are those the checker gives what the saved adapter writes
+    requests = [(form_named(example.form), example.question.title) for example in examples]
+    checks = [candidates[0].check for candidates in write_poems(model, fmt, requests, constrained=False)]
+    assert logged["val/writing_form"] == sum(check.lines_ok for check in checks) / 2
+    assert logged["val/writing_rhyme"] == sum(check.rhyme_ok for check in checks) / 2

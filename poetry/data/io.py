@@ -222,6 +222,16 @@ def load_verses(path: str | Path) -> list[Verse]:
     return _load_tree(Path(path), _verse, "error").records
 
 
+def _writing_request(fields: _Fields, source: str) -> Verse:
+    return Verse(title=(fields.text("title", nullable=True) or "").strip(), content="",
+                 form=(fields.text("form") or "").strip(), source=source)
+
+
+def load_writing_requests(path: str | Path) -> list[Verse]:
+    """Poems to write: `{form, title}` records (title may be empty) from a JSON list or JSONL."""
+    return _load_tree(Path(path), _writing_request, "error").records
+
+
 def _load_tree(path: Path, build: Callable[[_Fields, str], object], on_invalid: OnInvalid) -> Loaded:
     if path.is_dir():
         files = sorted(path.rglob("train.json"))

@@ -8,6 +8,7 @@ A poem `{title, content, keywords, trans, emotion}` becomes questions shaped lik
   it or each other, one contrasting in valence; re-drawn and re-shuffled per (seed, poem, epoch) so each epoch sees
   a fresh question.
 Long poems are split into several questions of at most `max_items` words and sentences, the size of eval items.
+A poem of a form poetry.prosody knows can also give a writing example: its form and title in, the poem out.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import random
 import re
 from dataclasses import dataclass
 
+from ..prosody.forms import poem_form, writing_title
 from .emotions import draw_distractors, option_text
 from .records import OPTION_LETTERS, Answer, Example, Poem, Question
 
@@ -70,10 +72,12 @@ class QuestionBuilder:
     """Builds the training questions of one epoch. The emotion pool is the poems given, so distractors come from the
     same split (no validation emotions leak into training options)."""
 
-    def __init__(self, poems: list[Poem], seed: int = 0, max_items: int = 3, emotion_examples: bool = False):
+    def __init__(self, poems: list[Poem], seed: int = 0, max_items: int = 3, emotion_examples: bool = False,
+                 writing_examples: bool = False):
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
         self.poems, self.seed, self.max_items, self.emotion_examples = poems, seed, max_items, emotion_examples
+        self.writing_examples = writing_examples
         self.options = sorted({o for p in poems if p.emotion and (o := option_text(p.emotion))})
 
     def choose(self, poem: Poem, epoch: int) -> tuple[dict[str, str], str] | None:
@@ -91,6 +95,10 @@ class QuestionBuilder:
         return dict(zip(OPTION_LETTERS, options, strict=True)), OPTION_LETTERS[options.index(answer)]
 
     def examples(self, poem: Poem, epoch: int) -> list[Example]:
+        writing = writing_example(poem) if self.writing_examples else None
+        return self._task_examples(poem, epoch) + ([writing] if writing else [])
+
+    def _task_examples(self, poem: Poem, epoch: int) -> list[Example]:
         glosses = [(w, g.strip()) for w, g in poem.keywords.items() if g.strip()]
         sentences = list(align_sentences(poem.content, poem.trans).pairs)
         choice = self.choose(poem, epoch)
@@ -139,6 +147,21 @@ def poem_folds(poems: list[Poem], folds: int, seed: int = 0) -> dict[str, int]:
     file order changes a poem's fold."""
     keys = sorted({p.key for p in poems}, key=lambda key: (stable_hash(f"{seed}:{key}"), key))
     return {key: rank % folds for rank, key in enumerate(keys)}
+
+
+def writing_example(poem: Poem) -> Example | None:
+    """写一首<form>，题为《<title>》。 -> the poem, for a poem of a form poetry.prosody knows; else None."""
+    form = poem_form(poem.title, poem.content, poem.source)
+    if form is None:
+        return None
+    question = Question(idx=0, title=writing_title(poem.title, form), author=poem.author,
+                        content="".join(poem.content.split()), qa_words=(), qa_sents=(), choose={})
+    return Example(question, Answer(0, {}, {}, None), form=form.name)
+
+
+def validation_writing_examples(val_poems: list[Poem]) -> list[Example]:
+    """The held-out poems' writing examples: their titles and forms, in the poems' order."""
+    return [example for poem in val_poems if (example := writing_example(poem))]
 
 
 def validation_examples(val_poems: list[Poem], seed: int, max_items: int) -> list[Example]:

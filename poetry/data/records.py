@@ -29,7 +29,8 @@ class Poem:
 
 @dataclass(frozen=True)
 class Verse:
-    """A poem to check against a form: its text, and its form when the record names it (else inferred)."""
+    """A poem to check against a form (its text, and its form when the record names it, else inferred), or one to
+    write (its form and title, no text yet)."""
 
     title: str
     content: str
@@ -73,8 +74,10 @@ class Answer:
 class Example:
     """A training pair: the question the model sees and the gold answer it must write. An `emotion_only` example
     (data.emotion_examples) is the poem alone followed by the text of its right option, the continuation
-    poetry.choice scores by likelihood."""
+    poetry.choice scores by likelihood. A writing example asks for a poem of `form` titled `question.title` and
+    learns `question.content`."""
 
     question: Question
     answer: Answer
     emotion_only: bool = False
+    form: str | None = None  # a writing example (data.writing_examples): write question.content, a poem of this form
