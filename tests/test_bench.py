@@ -18,6 +18,7 @@ def run(script: str, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow  # a whole benchmark run: over the CI budget (make test-slow)
 def test_loss_benchmark_compares_equal_losses_and_saves_the_memory(tiny_model_dir, tmp_path):
     # the full logits' agreement is tests/test_loss.py's; each method here costs a process of its own
     out = run("loss.py", "--config", "configs/tiny.yaml", "--model", str(tiny_model_dir), "--batch-size", "1",
@@ -31,6 +32,7 @@ def test_loss_benchmark_compares_equal_losses_and_saves_the_memory(tiny_model_di
     assert 0 < memory["chunked"]["step_gb"] < memory["target"]["step_gb"] < memory["target"]["peak_rss_gb"]
 
 
+@pytest.mark.slow  # a whole benchmark run: over the CI budget (make test-slow)
 def test_decode_benchmark_gives_identical_answers_in_fp32_and_saves_the_numbers(tiny_model_dir, tmp_path):
     out = run("decode.py", "--model", str(tiny_model_dir), "--count", "2", "--max-new-tokens", "3", "--dtype", "fp32",
               "--threads", "1", "--naive", "--baseline", str(ROOT / "poetry" / "decode.py"), "--draft-tokens", "0,2",
@@ -52,6 +54,7 @@ def test_decode_benchmark_gives_identical_answers_in_fp32_and_saves_the_numbers(
         assert 0 < split["output layer"] < split["prefill"] + split["forced runs"] + split["value tokens"]
 
 
+@pytest.mark.slow  # a whole benchmark run: over the CI budget (make test-slow)
 def test_precision_benchmark_times_fp32_against_bf16_and_saves_the_numbers(tiny_model_dir, tmp_path):
     from poetry.precision import choose
 
@@ -68,6 +71,7 @@ def test_precision_benchmark_times_fp32_against_bf16_and_saves_the_numbers(tiny_
     assert {dtype: len(seconds) for dtype, seconds in result["results"][0]["seconds"].items()} == {"fp32": 1, "bf16": 1}
 
 
+@pytest.mark.slow  # a whole benchmark run: over the CI budget (make test-slow)
 def test_memory_benchmark_sets_the_estimate_against_a_measured_peak(tiny_model_dir, few_poems, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--configs", "configs/tiny.yaml",
                              "--variant", "checkpointed:model.gradient_checkpointing=true", "--results-dir",
@@ -108,6 +112,7 @@ def assert_row(row: dict, questions: int) -> None:
     assert sum(n for picked in row["valence"].values() for n in picked.values()) == questions
 
 
+@pytest.mark.slow  # a whole benchmark run: over the CI budget (make test-slow)
 def test_choose_benchmark_scores_every_method_with_an_interval(tiny_model_dir, tmp_path):
     result = choose("--model", str(tiny_model_dir), "--questions", "data/sample/eval.json", "--gold",
                     "data/sample/eval_gold.json", "--label", "tiny", "--results-dir", str(tmp_path))
@@ -133,6 +138,7 @@ def test_choose_benchmark_scores_only_the_methods_asked(tiny_model_dir, tmp_path
         bench_choose.parse_args(["--questions", "q", "--gold", "g", "--methods", "likelihood,letters"])
 
 
+@pytest.mark.slow  # a whole benchmark run: over the CI budget (make test-slow)
 def test_choose_benchmark_cross_validates_over_folds(tiny_model_dir, few_poems, tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
     from bench import choose as bench_choose
@@ -261,6 +267,7 @@ def test_choose_benchmark_builds_the_held_out_questions_of_a_config():
     assert gold == [e.answer.choose_id for e in expected]
 
 
+@pytest.mark.slow  # a whole benchmark run: over the CI budget (make test-slow)
 def test_serve_benchmark_loads_the_real_server_and_counts_the_batches(tiny_model_dir, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--model", str(tiny_model_dir),
                              "--phases", "1:2", "4:8", "--max-batch", "4", "--max-new-tokens", "2", "--dtype", "fp32",

@@ -106,6 +106,7 @@ def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return adapter(run_dir / "checkpoints" / f"step-{STEPS:06d}")
 
 
+@pytest.mark.slow  # two processes: over the CI budget (make test-slow)
 def test_two_processes_of_batch_b_train_what_one_process_of_batch_2b_trains(runs):
     root, ranks, _ = runs
     assert ranks[0]["adapter"] == ranks[1]["adapter"]  # the gradients were reduced: both ranks hold the same weights
@@ -122,6 +123,7 @@ def test_two_processes_of_batch_b_train_what_one_process_of_batch_2b_trains(runs
         assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5, abs=1e-6), name
 
 
+@pytest.mark.slow  # two processes: over the CI budget (make test-slow)
 def test_a_two_process_checkpoint_resumes_in_one_process_of_the_whole_batch(runs, tiny_model_dir, few_poems,
                                                                            tmp_path):
     """The sampler's position counts global batches, so step 2 of the 2-process run goes on in 1 process."""
@@ -137,6 +139,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_of_the_whole_batch(runs
         torch.testing.assert_close(continued[key], one[key], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # two processes: over the CI budget (make test-slow)
 def test_a_two_process_resume_with_dropout_ends_where_the_straight_run_ends(tiny_model_dir, few_poems, tmp_path):
     """Each rank draws its own dropout masks. Only rank 0's generators used to be saved, and every rank restored
     them, so rank 1's masks after a resume were rank 0's stream and its adapter drifted from the straight run's."""
@@ -155,6 +158,7 @@ def test_a_two_process_resume_with_dropout_ends_where_the_straight_run_ends(tiny
     assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
 
 
+@pytest.mark.slow  # two processes: over the CI budget (make test-slow)
 def test_each_validation_question_is_scored_once_across_ranks(runs):
     _, ranks, one = runs
     evaluations = 1 + STEPS // 2  # at the start, at step 2, at step 4
@@ -168,6 +172,7 @@ def test_each_validation_question_is_scored_once_across_ranks(runs):
     assert sorted(rows) == sorted(list(range(len(set(rows)))) * evaluations)
 
 
+@pytest.mark.slow  # two processes: over the CI budget (make test-slow)
 def test_only_rank_0_writes(runs):
     root, ranks, _ = runs
     run_dir = root / "two"

@@ -38,6 +38,7 @@ def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return adapter(run_dir / "checkpoints" / f"step-{STEPS:06d}")
 
 
+@pytest.mark.slow  # two processes: over the CI budget (make test-slow)
 def test_fsdp_learns_what_ddp_learns(runs):
     root, outputs = runs
     assert "processes: 2 (FSDP)" in outputs["fsdp"].stdout and "processes: 2 (DDP)" in outputs["ddp"].stdout
@@ -53,6 +54,7 @@ def test_fsdp_learns_what_ddp_learns(runs):
         assert expected and [m[name] for m in fsdp_lines if name in m] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow  # two processes: over the CI budget (make test-slow)
 def test_fsdp_resume_is_exact(runs):
     root, outputs = runs
     assert "resumed from" in outputs["resumed"].stdout
@@ -62,6 +64,7 @@ def test_fsdp_resume_is_exact(runs):
     assert any("lora_A" in name for name in state["optimizer"]["state"])  # whole state, keyed by parameter name
 
 
+@pytest.mark.slow  # two processes: over the CI budget (make test-slow)
 def test_fsdp_decodes_before_any_loss_forward_and_then_trains(tiny_model_dir, few_poems, tmp_path):
     """eval.loss=false with eval.at_start: the first forwards are decoding's, which call the layers without the loss
     module. FSDP takes as root the first unit to run forward, so the root must be settled when sharding: else each
@@ -97,6 +100,7 @@ def test_an_fsdp_launch_selects_the_sharded_path(monkeypatch):
     assert not load_config(ROOT / "configs" / "qwen2.5-7b-lora.yaml", device="cuda").train.fsdp
 
 
+@pytest.mark.slow  # two processes: over the CI budget (make test-slow)
 def test_fsdp_fp16_skips_an_overflow_on_every_rank(tiny_model_dir, few_poems, tmp_path):
     """fp16 autocast + the sharded GradScaler: an inf in rank 1's gradient shard alone, at the 3rd step, makes both
     ranks skip that step and halve the scale together (else their shards would drift apart)."""
@@ -151,6 +155,7 @@ def test_a_decoder_without_layers_cannot_be_sharded(monkeypatch):
         parallel.wrap(SimpleNamespace(decoder=nn.Sequential(nn.Linear(2, 2))))
 
 
+@pytest.mark.slow  # two processes: over the CI budget (make test-slow)
 def test_fsdp_ranks_whose_decoding_takes_different_forwards_stay_paired(tiny_model_dir, tmp_path):
     """Each decoding forward all-gathers every layer, and how many forwards a rank runs is its own: a value ends where
     the greedy token closes it, and ranks on other GPUs or kernels can pick other tokens. Ranks here agree on every
