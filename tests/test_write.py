@@ -147,3 +147,17 @@ def test_infer_write_input_errors_name_the_record_and_field(infer, tiny_model_di
     with pytest.raises(SystemExit):
         infer.main([*base, "--form", "七绝", "--input", str(requests)])
     assert "give --form (and --title), or --input with --output" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # 108 sampled poems: over the CI budget (make test-slow)
+def test_a_hundred_seeds_of_every_form_keep_form_rhyme_and_tones(model, fmt):
+    for tones in ("strict", "loose"):  # 12 candidates a form, each from its own generator
+        results = write_poems(model, fmt, [(form, "") for form in FORMS], n=12, tones=tones,
+                              sampling=Sampling(1.0, 1.0, seed=7), batch_size=16)
+        for form, candidates in zip(FORMS, results, strict=True):
+            assert len({w.text for w in candidates}) == 12
+            for written in candidates:
+                strict = check_poem(written.text, form, loose=tones == "loose")
+                assert written.check.lines_ok and written.check.rhyme_ok, (form.name, written.text)
+                assert not [v for v in strict.violations if v.kind not in ("孤平", "三平尾")], \
+                    (form.name, written.text, [str(v) for v in strict.violations])
