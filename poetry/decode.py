@@ -37,6 +37,9 @@ line, a gloss its word), reads scores at each, and keeps the prefix its state wo
 at a time: exact greedy decoding under the constraint, in fewer forwards when the guesses are right. Each verified
 position costs its share of lm_head, so wrong guesses are not free.
 
+The engine (`drive`: rows, batches, the cache, speculation) does not know which constraint its states keep: answers
+here, poems in a form in poetry.write.
+
 Free decoding (`decode_free`) lets the model write everything and repairs the text; it exists for comparison.
 `chat` answers a free conversation (infer.py chat, the server's /v1/chat/completions).
 """
