@@ -12,8 +12,8 @@ chain's tone) for a 词, as poetry.prosody.check judges them. `rhyme` fixes the 
 fixes it, by the character chosen there among all characters of the right tone. With `tones` (`strict` or
 `loose`, the 1-3-5 allowance), every position takes only characters of the tone the form asks there; regulated
 verse keeps the patterns (平起/仄起, first line rhymed or not) that fit what is written so far, so the pattern is
-the model's choice. A character the table lacks is allowed only where the tone is free. 孤平 and 三平尾 are not
-prevented: the check printed with each poem reports them.
+the model's choice. A character the table lacks is allowed only where the tone is free. The 1-3-5 allowance never
+frees the two positions that would make 孤平 or 三平尾 (`Pattern.writing_tone`).
 
 Greedy, or sampling with a temperature and top-p, each candidate from its own seeded generator (so a candidate
 does not depend on the others in its batch). Candidates are ranked by the model's mean log-probability of their
@@ -207,7 +207,7 @@ class PoemState(_Writing):
         """The ids allowed at the next position."""
         line, position, last = self._position()
         tones = None if self.tones == "off" else frozenset(
-            p.required(line, position, self.tones == "loose") for p in self.patterns)
+            p.writing_tone(line, position, self.tones == "loose") for p in self.patterns)
         chains = {p.lines[line].rhyme for p in self.patterns} if last else {None}
         if None not in chains:  # every pattern left rhymes here
             chain = chains.pop()
@@ -225,7 +225,7 @@ class PoemState(_Writing):
         line, position, last = self._position()
         if self.tones != "off":
             tones, loose = self.chars.table.tones(char), self.tones == "loose"
-            fitting = [p for p in self.patterns if p.required(line, position, loose) in (EITHER, *tones)]
+            fitting = [p for p in self.patterns if p.writing_tone(line, position, loose) in (EITHER, *tones)]
             chains = {p.lines[line].rhyme for p in fitting} if last else {None}
             if len(chains) > 1:  # a regulated first line: rhymed if the character rhymes, else not
                 rhymes = self._rhymes(char, next(chain for chain in chains if chain))

@@ -237,3 +237,12 @@ def test_score_cli_reads_infer_write_output_and_checker_records_side_by_side(tmp
     shapeless = _write(tmp_path / "shapeless.json", [{"content": "东临碣石，以观沧海。"}])
     assert main(["score", str(shapeless)]) == 2
     assert "1 poems of no known form" in capsys.readouterr().err
+
+
+def test_for_writing_the_allowance_keeps_the_positions_that_would_make_gu_ping_or_san_ping_wei():
+    five = {p.label: p for p in form_named("五言绝句").patterns}["仄起首句不入韵"]  # 仄仄平平仄 平平仄仄平 ...
+    assert [five.required(1, 0, True), five.writing_tone(1, 0, True)] == ["中", "平"]  # 仄平仄仄平 is 孤平
+    assert [five.required(3, 2, True), five.writing_tone(3, 2, True)] == ["中", "仄"]  # 仄仄平平平 is 三平尾
+    assert five.writing_tone(0, 0, True) == five.writing_tone(2, 2, True) == "中"  # lines ending 仄 keep the allowance
+    seven = {p.label: p for p in form_named("七绝").patterns}["仄起首句入韵"]  # 仄仄平平仄仄平 first
+    assert seven.writing_tone(0, 2, True) == "平" and seven.writing_tone(0, 4, True) == "中"

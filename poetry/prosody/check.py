@@ -82,7 +82,7 @@ def _check_pattern(lines: list[str], form: Form, pattern: Pattern, loose: bool, 
                 right += 1
             else:
                 violations.append(Violation(index + 1, position + 1, char, "tone", required))
-        if form.regulated:
+        if form.regulated and spec.tones[-1] == LEVEL:  # 孤平 and 三平尾 are faults of the lines that end level
             violations.extend(_regulated_faults(index, line, table))
         if spec.repeats is not None and line != lines[spec.repeats]:
             violations.append(Violation(index + 1, 0, "", "repeat", f"line {spec.repeats + 1} again (叠句)"))
@@ -94,7 +94,8 @@ def _check_pattern(lines: list[str], form: Form, pattern: Pattern, loose: bool, 
 
 
 def _regulated_faults(index: int, line: str, table: RhymeTable) -> list[Violation]:
-    """三平尾 and 孤平 on a line ending level, faulted only where no reading of the characters avoids them. 孤平 is
+    """三平尾 and 孤平 on a line the pattern ends level, faulted only where no reading of the characters avoids them
+    (a last character read only oblique is a tone fault instead). 孤平 is
     judged on the last five characters (a 七言 line's first two do not rescue it): one level character before the
     rhyme, not next to it (仄平仄仄平; 仄仄仄平平 is regular)."""
     tail = line[-5:]

@@ -45,6 +45,17 @@ class Pattern:
         """The tone a position takes: 平, 仄, or 中 when it is free."""
         return EITHER if loose and position in self.free else self.lines[line].tones[position]
 
+    def writing_tone(self, line: int, position: int, loose: bool) -> str:
+        """`required`, except that the allowance never frees a position whose other tone would make 孤平 or 三平尾
+        (the checker reports those apart): the third from last of a line ending 平平 (仄仄仄平平 must not become
+        仄仄平平平) and the fifth from last of one ending 平仄仄平 (平平仄仄平 must not become 仄平仄仄平)."""
+        tones = self.lines[line].tones
+        if tones[-2:] == LEVEL * 2 and position == len(tones) - 3 and tones[position] == OBLIQUE:
+            return OBLIQUE
+        if tones[-4:] == LEVEL + OBLIQUE * 2 + LEVEL and position == len(tones) - 5 and tones[position] == LEVEL:
+            return LEVEL
+        return self.required(line, position, loose)
+
 
 @dataclass(frozen=True)
 class Form:
