@@ -55,18 +55,19 @@ class Validator:
     def loss_dataset(self):
         """The tokenised validation questions among the first eval.max_questions, the ones decoded: the loss and the
         answers describe the same poems, and the cap bounds the loss's cost too (a forward over every token)."""
-        dataset, cap = self.data.val_dataset, self.cfg.max_questions
-        if dataset is None or not cap:
-            return dataset
-        return dataset.select([row for row, example in enumerate(dataset["example"]) if example < cap])
+        return self._first(self.data.val_dataset)
 
     @cached_property
     def writing_dataset(self):
-        """The held-out poems' writing examples (data.writing_examples), the first eval.max_questions of them."""
-        dataset, cap = self.data.val_writing_dataset, self.cfg.max_questions
+        """The held-out poems' writing examples (data.writing_examples) among the first eval.max_questions, those
+        written."""
+        return self._first(self.data.val_writing_dataset)
+
+    def _first(self, dataset):
+        cap = self.cfg.max_questions
         if dataset is None or not cap:
             return dataset
-        return dataset.select(range(min(cap, len(dataset))))
+        return dataset.select([row for row, example in enumerate(dataset["example"]) if example < cap])
 
     @property
     def scores_loss(self) -> bool:
