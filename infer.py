@@ -274,7 +274,7 @@ from poetry.precision import choose, default_device  # noqa: E402
 from poetry.prompt import PromptFormat, tokenize_examples  # noqa: E402
 from poetry.prosody import form_named  # noqa: E402
 from poetry.validation import perplexity, target_loss_sums  # noqa: E402
-from poetry.write import Sampling, write_poems  # noqa: E402
+from poetry.write import Sampling, rhyme_group, write_poems  # noqa: E402
 
 
 def _dtype(requested: str, device: str) -> str:
@@ -460,16 +460,14 @@ def _write(args: argparse.Namespace) -> int:
         requests = [(form_named(args.form), args.title)] if args.form else [
             (_form_of(verse), verse.title) for verse in load_writing_requests(args.input)]
         sampling = Sampling(args.temperature, args.top_p, args.seed)
+        rhyme_group([form for form, _ in requests], args.rhyme, args.n, sampling)  # a rhyme, --n without sampling
     except ValueError as err:
         return _error(str(err))
     model, tokenizer = _load(args)
     fmt = PromptFormat(tokenizer, system_prompt=args.system_prompt)
-    try:
-        with _Progress(len(requests) * args.n, "writing") as progress:
-            results = write_poems(model, fmt, requests, args.n, args.tones, args.rhyme, sampling, args.batch_size,
-                                  progress.advance, constrained=args.decode == "constrained")
-    except ValueError as err:  # --rhyme unknown, or of the wrong tone for the form; --n without sampling
-        return _error(str(err))
+    with _Progress(len(requests) * args.n, "writing") as progress:
+        results = write_poems(model, fmt, requests, args.n, args.tones, args.rhyme, sampling, args.batch_size,
+                              progress.advance, constrained=args.decode == "constrained")
     for (form, title), candidates in zip(requests, results, strict=True):
         print(f"《{title}》 {form.name}" if title else form.name, flush=True)
         for rank, written in enumerate(candidates, start=1):

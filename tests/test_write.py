@@ -156,3 +156,9 @@ def test_a_hundred_seeds_of_every_form_keep_form_rhyme_and_tones(model, fmt):
             assert len({w.text for w in candidates}) == 12
             for written in candidates:
                 assert written.check.ok, (form.name, written.text, [str(v) for v in written.check.violations])
+
+
+def test_infer_write_refuses_a_bad_rhyme_before_loading_the_model(infer, tmp_path, capsys):
+    absent = str(tmp_path / "no-model")  # loading it would fail: the rhyme must be refused first
+    assert infer.main(["write", "--model", absent, "--form", "七绝", "--rhyme", "二十五有"]) == 2
+    assert "上声二十五有 is 仄, but 七言绝句 rhymes 平" in capsys.readouterr().err
