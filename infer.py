@@ -272,7 +272,7 @@ from poetry.loss import TargetOnlyLoss  # noqa: E402
 from poetry.model import is_prompt_learning, load_model, load_tokenizer  # noqa: E402
 from poetry.precision import choose, default_device  # noqa: E402
 from poetry.prompt import PromptFormat, tokenize_examples  # noqa: E402
-from poetry.prosody import form_named  # noqa: E402
+from poetry.prosody import form_named, record_form  # noqa: E402
 from poetry.validation import perplexity, target_loss_sums  # noqa: E402
 from poetry.write import Sampling, rhyme_group, write_poems  # noqa: E402
 
@@ -458,7 +458,7 @@ def _write(args: argparse.Namespace) -> int:
     """Poems in a form, each printed with its check; with --input, every request's candidates to --output."""
     try:  # before the model: bad input fails at once
         requests = [(form_named(args.form), args.title)] if args.form else [
-            (_form_of(verse), verse.title) for verse in load_writing_requests(args.input)]
+            (record_form(verse.form, verse.source), verse.title) for verse in load_writing_requests(args.input)]
         sampling = Sampling(args.temperature, args.top_p, args.seed)
         rhyme_group([form for form, _ in requests], args.rhyme, args.n, sampling)  # a rhyme, --n without sampling
     except ValueError as err:
@@ -495,18 +495,8 @@ def _excluded(written: list) -> str:
             f"probability there")
 
 
-def _form_of(verse):
-    try:
-        return form_named(verse.form)
-    except ValueError as err:
-        raise ValueError(f"{verse.source}: field 'form': {err}") from None
-
-
 def _verdict(written) -> str:
-    check = written.check
-    regular = "regular" if check.ok else f"{len(check.violations)} violations"
-    return (f"{regular}; {check.pattern}; rhyme {'/'.join(check.rhymes)} {'right' if check.rhyme_ok else 'wrong'}; "
-            f"tones {check.tones_right}/{check.tones_checked}; mean log-prob {written.mean_logprob:.3f}")
+    return f"{written.check.summary()}; {written.check.pattern}; mean log-prob {written.mean_logprob:.3f}"
 
 
 def _serve(args: argparse.Namespace) -> int:

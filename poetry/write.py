@@ -67,10 +67,7 @@ class Written:
     positions: int              # characters written (tokens, unconstrained)
 
     def to_json(self) -> dict:
-        check = self.check
-        return {"text": self.text, "mean_logprob": self.mean_logprob, "ok": check.ok, "pattern": check.pattern,
-                "lines_ok": check.lines_ok, "rhyme_ok": check.rhyme_ok, "rhymes": list(check.rhymes),
-                "tone_share": check.tone_share, "violations": [str(v) for v in check.violations]}
+        return {"text": self.text, "mean_logprob": self.mean_logprob, **self.check.to_json()}
 
 
 class CharVocab:

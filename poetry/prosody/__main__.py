@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
@@ -18,7 +17,7 @@ from rich.table import Table
 from ..data import DataError, Issue, Verse, load_verses
 from ..data.io import loads
 from .check import PoemCheck, check_poem
-from .forms import FORMS, Form, form_named, poem_form, poem_lines
+from .forms import FORMS, Form, form_named, poem_form, poem_lines, record_form
 from .score import score_writing
 from .tables import rhyme_table
 
@@ -27,10 +26,7 @@ def _form_of(verse: Verse, forced: Form | None) -> Form | None:
     if forced:
         return forced
     if verse.form:
-        try:
-            return form_named(verse.form)
-        except ValueError as err:
-            raise ValueError(f"{verse.source}: field 'form': {err}") from None
+        return record_form(verse.form, verse.source)
     return poem_form(verse.title, verse.content, verse.source)
 
 
@@ -50,14 +46,8 @@ def check(args, console: Console) -> None:
         console.print(f"{unchecked} of {len(results)} poems are of no known form and were not checked "
                       f"(known: {', '.join(f.name for f in FORMS)})", highlight=False, soft_wrap=True)
     if args.json:
-        rows = [{"source": v.source, "title": v.title, **(_as_row(r) if r else {"form": None})} for v, r in results]
+        rows = [{"source": v.source, "title": v.title, **(r.to_json() if r else {"form": None})} for v, r in results]
         Path(args.json).write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-
-
-def _as_row(result: PoemCheck) -> dict:
-    row = asdict(result)
-    row.update(ok=result.ok, tone_share=result.tone_share, violations=[str(v) for v in result.violations])
-    return row
 
 
 def _print_poem(console: Console, verse: Verse, result: PoemCheck | None) -> None:
@@ -66,13 +56,9 @@ def _print_poem(console: Console, verse: Verse, result: PoemCheck | None) -> Non
         shape = ",".join(str(len(line)) for line in poem_lines(verse.content))
         console.print(f"{head}: no known form (line lengths {shape}), not checked", highlight=False, soft_wrap=True)
         return
-    verdict = "regular" if result.ok else f"{len(result.violations)} violations"
-    rhyme = f"rhyme {'right' if result.rhyme_ok else 'wrong'} ({' / '.join(result.rhymes) or '-'})"
-    lines = f"lines {'right' if result.lines_ok else 'wrong'}"
-    tones = f"tones {result.tones_right}/{result.tones_checked} ({result.tone_share:.0%})"
     unknown = f"; not in the table: {''.join(result.unknown)}" if result.unknown else ""
-    console.print(f"{head} {result.form} {result.pattern}: {verdict}; {lines}; {rhyme}; {tones}{unknown}",
-                  highlight=False, soft_wrap=True)
+    console.print(f"{head} {result.form} {result.pattern}: {result.summary()}{unknown}", highlight=False,
+                  soft_wrap=True)
     for violation in result.violations:
         console.print(f"  {violation}", highlight=False, soft_wrap=True)
 

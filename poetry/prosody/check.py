@@ -7,7 +7,7 @@ A character the table lacks is neither counted right nor wrong; it is listed.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .forms import EITHER, Form, Pattern, poem_lines
 from .tables import LEVEL, RhymeTable, rhyme_table
@@ -46,6 +46,17 @@ class PoemCheck:
     @property
     def ok(self) -> bool:
         return self.lines_ok and self.rhyme_ok and not self.violations
+
+    def summary(self) -> str:
+        """One line: `2 violations; lines right; rhyme 十五删 wrong; tones 15/16 (94%)`."""
+        verdict = "regular" if self.ok else f"{len(self.violations)} violations"
+        return (f"{verdict}; lines {'right' if self.lines_ok else 'wrong'}; rhyme {'/'.join(self.rhymes) or '-'} "
+                f"{'right' if self.rhyme_ok else 'wrong'}; tones {self.tones_right}/{self.tones_checked} "
+                f"({self.tone_share:.0%})")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok, "tone_share": self.tone_share,
+                "violations": [str(v) for v in self.violations]}
 
 
 def check_poem(content: str, form: Form, loose: bool = True, table: RhymeTable | None = None) -> PoemCheck:

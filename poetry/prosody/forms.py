@@ -140,6 +140,14 @@ def form_named(name: str) -> Form:
     raise ValueError(f"unknown form {name!r}; the forms known are: {known}")
 
 
+def record_form(name: str, source: str | None) -> Form:
+    """form_named for a record's `form` field: the error names the record (`file:N: field 'form': ...`)."""
+    try:
+        return form_named(name)
+    except ValueError as err:
+        raise ValueError(f"{source}: field 'form': {err}") from None
+
+
 def infer_form(title: str, lines: list[str], lyric: bool = False) -> Form | None:
     """A 词's 词牌 from its title (如梦令·常记溪亭日暮), else regulated verse by its shape; None when neither.
     A `lyric` poem (a 词, e.g. from the official data's 宋词 folder) is never taken for regulated verse by its shape:
