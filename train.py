@@ -204,6 +204,8 @@ def setup_data(cfg: Config, tokenizer, accelerator: Accelerator, log: runlog.Run
     log.print(f"poems: {len(data.train_poems)} train, {len(data.val_poems)} validation; "
               f"questions per epoch: {len(data.train_epoch(0))}; validation questions: {len(data.val_examples)}; "
               f"longer than data.max_len, left out: {data.dropped_train[0]} train, {data.dropped_val} validation")
+    if len(data.mixture.sources) > 1:
+        log.print(f"sources (the first gives validation): {data.mixture.describe()}")
     return data, sampler, feed.Collator(tokenizer.pad_token_id, choice=cfg.train.choice_loss_weight > 0)
 
 

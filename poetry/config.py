@@ -68,8 +68,18 @@ class LoraConfig:
 
 
 @dataclass
+class DataSource:
+    path: str = ""  # a train-data tree, JSON list or JSONL of training poems
+    # poems drawn from it per epoch, per poem: 1 takes each once, 0.2 a fresh fifth of them each epoch (drawn from
+    # train.seed), 2 each twice
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    train: str = "data/sample/train-data"  # train-data tree, JSON list or JSONL of training poems
+    # a train-data tree, JSON list or JSONL of training poems; or several, as [{path: P, weight: W}, ...]: the first
+    # is the primary source, whose held-out poems are the validation set, and the others only train
+    train: str | list[DataSource] = "data/sample/train-data"
     val_fraction: float = 0.1  # poems held out for validation, chosen by a stable hash of each poem
     split_seed: int = 0
     # cross-validation (bench/choose.py --folds): the poems dealt into `folds` folds by their stable hash, fold `fold`
@@ -85,6 +95,16 @@ class DataConfig:
     writing_examples: bool = False
     on_invalid: Literal["error", "skip"] = "error"
     system_prompt: str = ""  # optional system message for chat templates
+    # evaluation files (official eval format), train-data trees or poem files whose poems must not be trained on: a
+    # training poem sharing a line (within one character) or its title and author with one of them stops the run,
+    # naming both (poetry.data.overlap)
+    exclude: list[str] = field(default_factory=list)
+    allow_overlap: bool = False  # train on such poems anyway, with a warning counting them
+
+    @property
+    def sources(self) -> list[DataSource]:
+        """data.train as a list of sources: a single path is one source of weight 1."""
+        return [DataSource(self.train)] if isinstance(self.train, str) else list(self.train)
 
 
 @dataclass
@@ -216,7 +236,14 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
                 return _coerce(key, option, value)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0])
+        raise ConfigError(errors[-1] if isinstance(value, (list, dict)) else errors[0])  # the shape the user meant
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}, "
+                              f"got {_shown(value)}")
+        entry = hint()
+        _apply(entry, value, f"{key}.")
+        return entry
     if hint is type(None):
         if value is not None:
             raise ConfigError(f"{key}: expected null, got {_shown(value)}")
@@ -281,6 +308,7 @@ def validate(config: Config, device: str = "cpu", processes: int = 1) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    _validate_sources(config.data.sources)
     if config.eval.draft_tokens < 0:
         raise ConfigError(f"eval.draft_tokens: must be 0 (off) or positive, got {config.eval.draft_tokens}")
     if t.loss_chunk_rows < 0:
@@ -331,6 +359,20 @@ def validate(config: Config, device: str = "cpu", processes: int = 1) -> None:
                           "eval.every=0 and eval.at_start=false")
 
 
+def _validate_sources(sources: list[DataSource]) -> None:
+    if not sources:
+        raise ConfigError("data.train: an empty list; give a path, or [{path: P, weight: W}, ...]")
+    for i, source in enumerate(sources):
+        if not source.path:
+            raise ConfigError(f"data.train[{i}].path: missing; each source needs the path of its poems")
+        if source.weight <= 0:
+            raise ConfigError(f"data.train[{i}].weight: must be positive (poems drawn per poem and epoch), got "
+                              f"{source.weight}; leave the source out instead")
+    paths = [str(Path(s.path).resolve()) for s in sources]
+    if len(set(paths)) < len(paths):
+        raise ConfigError("data.train: a source is listed twice; give it once, with the weight wanted")
+
+
 def _validate_method(config: Config) -> None:
     method, t = config.peft.method, config.train
     if method in PROMPT_LEARNING and config.peft.num_virtual_tokens < 1:
@@ -358,8 +400,12 @@ OFFICIAL_DATA_HELP = ("the official CCL25-Eval Task 5 training data is in the or
 def check_inputs(config: Config) -> None:
     """The files a training run reads exist: checked before any process group, model or data load, so a wrong
     path fails in a second instead of after minutes of loading a 7B model."""
-    if not Path(config.data.train).exists():
-        raise ConfigError(f"data.train={config.data.train}: no such file or directory; {OFFICIAL_DATA_HELP}")
+    for source in config.data.sources:
+        if not Path(source.path).exists():
+            raise ConfigError(f"data.train={source.path}: no such file or directory; {OFFICIAL_DATA_HELP}")
+    for path in config.data.exclude:
+        if not Path(path).exists():
+            raise ConfigError(f"data.exclude: {path}: no such file or directory")
     if not config.model.path.startswith(BUILTIN_PREFIX):
         try:
             check_local_model(config.model.path)

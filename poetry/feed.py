@@ -17,7 +17,8 @@ from functools import cached_property
 import torch
 
 from .config import DataConfig
-from .data import DataError, Example, Issue, QuestionBuilder, load_poems, split_poems, validation_examples
+from .data import Example, Poem, QuestionBuilder, validation_examples
+from .data.mix import load_training_poems
 from .data.questions import validation_writing_examples
 from .prompt import IGNORE_INDEX, PromptFormat, tokenize_examples
 
@@ -30,33 +31,29 @@ class TaskData:
 
     def __init__(self, cfg: DataConfig, fmt: PromptFormat, seed: int):
         self.cfg, self.fmt = cfg, fmt
-        loaded = load_poems(cfg.train, on_invalid=cfg.on_invalid)
-        if loaded.skipped_records:
-            log.warning("%s: %s", cfg.train, loaded.summary("poems"))
-        self.train_poems, self.val_poems = split_poems(loaded.records, cfg.val_fraction, cfg.split_seed,
-                                                       cfg.folds, cfg.fold)
-        if not self.train_poems:
-            split = f"data.folds={cfg.folds}, data.fold={cfg.fold}" if cfg.folds else \
-                f"data.val_fraction={cfg.val_fraction}"
-            raise DataError([Issue(cfg.train, None, None, f"no training poems left after the validation split "
-                                                          f"({split})")])
+        self.mixture, self.val_poems = load_training_poems(cfg, seed)
+        self.train_poems = self.mixture.poems
         self.builder = QuestionBuilder(self.train_poems, seed=seed, max_items=cfg.max_items,
                                        emotion_examples=cfg.emotion_examples, writing_examples=cfg.writing_examples)
         self._epochs: dict = {}
         self.dropped_train: dict[int, int] = {}  # epoch -> its questions longer than data.max_len, once tokenised
 
+    def _built(self, epoch: int) -> list[tuple[Example, Poem]]:
+        """The epoch's questions, each with its poem: those of the poems the mixture draws for it."""
+        return [(example, poem) for poem in self.mixture.draw(epoch) for example in self.builder.examples(poem, epoch)]
+
     def train_epoch(self, epoch: int):
         """Tokenised training examples of `epoch` (columns input_ids, labels, length), without those longer than
         data.max_len (counted in dropped_train[epoch])."""
         if epoch not in self._epochs:
-            examples = self.builder.epoch(epoch)
+            examples = [example for example, _ in self._built(epoch)]
             self._epochs = {epoch: tokenize_examples(examples, self.fmt, self.cfg.max_len)}
             self.dropped_train[epoch] = len(examples) - len(self._epochs[epoch])
         return self._epochs[epoch]
 
     def describe_rows(self, epoch: int, rows: list[int]) -> list[str]:
         """What rows of `train_epoch(epoch)` are, to name them in a message: the poem's title and source."""
-        built = [(example, poem) for poem in self.builder.poems for example in self.builder.examples(poem, epoch)]
+        built = self._built(epoch)
         dataset = self.train_epoch(epoch)
         named = [built[dataset[row]["example"]] for row in rows]
         return [f"《{example.question.title}》 {poem.source or ''}".strip() for example, poem in named]

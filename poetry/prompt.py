@@ -52,7 +52,9 @@ _FORMAT_HINT = ('请只输出一个 JSON 对象，格式为：{"ans_qa_words": {
 
 
 def _render_poem(question: Question, head: str) -> list[str]:
-    lines = [head, f"标题：{question.title}"]
+    lines = [head]
+    if question.title:  # an imported line (CCPM) has none
+        lines.append(f"标题：{question.title}")
     if question.author:
         lines.append(f"作者：{question.author}")
     lines.append(f"内容：{question.content}")

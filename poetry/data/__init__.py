@@ -5,6 +5,7 @@ from .io import (
     load_answers,
     load_poems,
     load_questions,
+    load_references,
     load_verses,
     load_writing_requests,
     parse_questions,
@@ -16,6 +17,6 @@ from .records import OPTION_LETTERS, Answer, Example, Poem, Question, Verse
 __all__ = [
     "OPTION_LETTERS", "Answer", "DataError", "Example", "Issue", "Loaded", "Poem", "Question", "QuestionBuilder",
     "Verse", "align_sentences", "check_submission", "clauses", "load_answers", "load_poems", "load_questions",
-    "load_verses", "load_writing_requests", "parse_questions", "split_poems", "validation_examples",
+    "load_references", "load_verses", "load_writing_requests", "parse_questions", "split_poems", "validation_examples",
     "write_submission",
 ]

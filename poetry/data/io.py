@@ -103,7 +103,7 @@ class _Fields:
             return None
         return self.raw[name]
 
-    def text(self, name: str, required: bool = True, nullable: bool = False) -> str | None:
+    def text(self, name: str, required: bool = True, nullable: bool = False, allow_empty: bool = False) -> str | None:
         value = self._get(name, required)
         if value is None:
             if name in self.raw and not nullable:
@@ -111,7 +111,7 @@ class _Fields:
             return None
         if not isinstance(value, str):
             self.issue(name, f"expected a string, got {_type_name(value)}")
-        elif not value.strip() and not nullable:
+        elif not value.strip() and not (nullable or allow_empty):
             self.issue(name, "empty text")
         else:
             return value.replace("\r\n", "\n")
@@ -195,10 +195,10 @@ def _validate(records: list[tuple[int, object]], label: str, build: Callable[[_F
 
 def _poem(fields: _Fields, source: str) -> Poem:
     return Poem(
-        title=(fields.text("title") or "").strip(),
+        title=(fields.text("title", allow_empty=True) or "").strip(),  # CCPM's lines have none
         content=(fields.text("content") or "").strip(),
         keywords=fields.text_map("keywords", allow_empty=True, allow_empty_values=True),
-        trans=(fields.text("trans") or "").strip(),
+        trans=(fields.text("trans", allow_empty=True) or "").strip(),  # imported plain poems have none
         emotion=(fields.text("emotion", nullable=True) or "").strip() or None,
         author=fields.text("author", required=False, nullable=True),
         source=source,
@@ -206,8 +206,22 @@ def _poem(fields: _Fields, source: str) -> Poem:
 
 
 def load_poems(path: str | Path, on_invalid: OnInvalid = "error") -> Loaded:
-    """Training poems from a `train-data` tree (every `train.json` below it), a JSON list, or JSONL."""
+    """Training poems from a `train-data` tree (every `train.json` below it), a JSON list, or JSONL. A record may
+    lack what some question types need (an empty title, translation or keywords, a null emotion): the question
+    builder makes the types it supports."""
     return _load_tree(Path(path), _poem, on_invalid)
+
+
+def _reference(fields: _Fields, source: str) -> Poem:
+    return Poem(title=(fields.text("title", required=False, nullable=True) or "").strip(),
+                content=(fields.text("content") or "").strip(), keywords={}, trans="", emotion=None,
+                author=fields.text("author", required=False, nullable=True), source=source)
+
+
+def load_references(path: str | Path) -> list[Poem]:
+    """Poems to compare against (decontamination): any record with a `content`, and its `title` and `author` when
+    given. Official evaluation files, train-data trees, JSON lists or JSONL; an invalid record is an error."""
+    return _load_tree(Path(path), _reference, "error").records
 
 
 def _verse(fields: _Fields, source: str) -> Verse:

@@ -97,7 +97,7 @@ class RhymeTable:
 
     def group(self, name: str) -> RhymeGroup:
         """A group by name, full or short, simplified or traditional: 十一尤, 下平声十一尤, 十一尤 of 下平聲."""
-        wanted = _simplify(name.strip())
+        wanted = simplified(name.strip())
         found = [g for g in self.groups if g.name == wanted or g.short == wanted]
         if len(found) != 1:
             known = " ".join(g.short for g in self.groups if g.tone == LEVEL)
@@ -114,13 +114,14 @@ def _converter(config: str):
     return opencc.OpenCC(config)
 
 
-def _simplify(text: str) -> str:
+def simplified(text: str) -> str:
+    """Traditional characters to simplified, by OpenCC's t2s phrases; other text unchanged."""
     return _converter("t2s").convert(text)
 
 
 def _simplify_each(chars: list[str]) -> list[str]:
     """Character by character: OpenCC converts phrases as units, which would let neighbours change a character."""
-    return _simplify("\n".join(chars)).split("\n")  # OpenCC keeps line breaks: zip(strict=True) checks it
+    return simplified("\n".join(chars)).split("\n")  # OpenCC keeps line breaks: zip(strict=True) checks it
 
 
 def _table_path() -> Path:
@@ -142,7 +143,7 @@ def rhyme_table() -> RhymeTable:
     for tone_key, tone in (("ping", LEVEL), ("ze", OBLIQUE)):
         for part in raw[tone_key].values():
             for name, strings in part.items():
-                group = RhymeGroup(_simplify(name), tone, frozenset(sections_of[name]))
+                group = RhymeGroup(simplified(name), tone, frozenset(sections_of[name]))
                 groups.append(group)
                 for char in "".join(strings):
                     by_char.setdefault(char, set()).add(group)
