@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import add_dtype_option, autocast_dtype, console, write_results  # noqa: E402
 from poetry.builtin import resolve_model_path  # noqa: E402
 from poetry.config import ModelConfig, load_config  # noqa: E402
-from poetry.data import load_poems, split_poems  # noqa: E402
+from poetry.data.mix import load_training_poems  # noqa: E402
 from poetry.model import load_model, load_tokenizer  # noqa: E402
 from poetry.prompt import PromptFormat  # noqa: E402
 from poetry.prosody import poem_form, writing_title  # noqa: E402
@@ -41,8 +41,8 @@ SETTINGS = {"free": ("free decoding", False, "off"), "off": ("constrained, tones
 def titles(args: argparse.Namespace) -> tuple[list, list[str], int]:
     """(form, title) requests, the training side's texts (for copying), and how many requests are held out."""
     cfg = load_config(args.config, [f"data.train={args.poems}"] if args.poems else [])
-    poems = load_poems(cfg.data.train).records
-    train, val = split_poems(poems, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.folds, cfg.data.fold)
+    mixture, val = load_training_poems(cfg.data, cfg.train.seed)
+    train = mixture.poems
     known = [(poem, form) for poem in val + train if (form := poem_form(poem.title, poem.content, poem.source))]
     chosen = known[:args.count]
     held_out = sum(poem in val for poem, _ in chosen)

@@ -12,8 +12,10 @@ SAMPLE = "data/sample/train-data"
 
 
 def poem(n: int, **fields) -> dict:
-    return {"title": f"题{n}", "content": f"第{n}首诗的第一句很长，第{n}首诗的第二句更长。", "keywords": {},
-            "trans": "", "emotion": None, **fields}
+    """A record whose two lines are CJK characters no other n uses (digits are not compared by poetry.data.overlap)."""
+    line = "".join(chr(0x4E00 + 20 * n + i) for i in range(14))
+    return {"title": f"题{n}", "content": f"{line[:7]}，{line[7:]}。", "keywords": {}, "trans": "", "emotion": None,
+            **fields}
 
 
 def tree(root, name: str, records: list[dict]):
@@ -107,3 +109,15 @@ def test_missing_source_or_exclude_path_fails_before_any_model(tmp_path):
     cfg = load_config(None, [f"data.exclude=[{tmp_path}/eval.json]"])
     with pytest.raises(ConfigError, match=r"data.exclude: .*eval.json: no such file"):
         check_inputs(cfg)
+
+
+def test_held_out_poems_may_be_in_the_exclude_set(tmp_path):
+    primary = tree(tmp_path, "official", [poem(n) for n in range(40)])
+    _, val = load_training_poems(DataConfig(train=primary, val_fraction=0.25), seed=0)
+    eval_file = tmp_path / "heldout.json"
+    eval_file.write_text(json.dumps([{"title": p.title, "content": p.content} for p in val], ensure_ascii=False),
+                         encoding="utf-8")
+    mixture, again = load_training_poems(DataConfig(train=primary, val_fraction=0.25, exclude=[str(eval_file)]), 0)
+    assert again == val and len(mixture.poems) == 40 - len(val)
+    with pytest.raises(DataError, match="is an excluded poem"):  # but not a training poem
+        load_training_poems(DataConfig(train=primary, val_fraction=0.1, split_seed=1, exclude=[str(eval_file)]), 0)

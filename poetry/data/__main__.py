@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import ConfigError, load_config
-from . import DataError, load_poems, split_poems, validation_examples, write_submission
+from . import DataError, load_poems, validation_examples, write_submission
 from .imports import FORMATS, import_corpus
+from .mix import load_training_poems
 from .overlap import OverlapIndex
 from .stats import card_rows, compute_stats
 
@@ -72,8 +73,7 @@ def import_(args, console: Console) -> int:
 def export_val(args, console: Console) -> None:
     """Only complete questions (words, sentences and options) are exported: the official format requires all three."""
     cfg = load_config(args.config, args.overrides)
-    poems = load_poems(cfg.data.train, on_invalid=cfg.data.on_invalid).records
-    _, val = split_poems(poems, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.folds, cfg.data.fold)
+    _, val = load_training_poems(cfg.data, cfg.train.seed)
     examples = [e for e in validation_examples(val, cfg.train.seed, cfg.data.max_items)
                 if e.question.qa_words and e.question.qa_sents and e.question.choose]
     out = Path(args.out)

@@ -89,16 +89,16 @@ def check_exclusions(poems: list[Poem], cfg: DataConfig) -> int:
 
 def load_training_poems(cfg: DataConfig, seed: int) -> tuple[Mixture, list[Poem]]:
     """(the training mixture, the validation poems): every source loaded and validated, the primary split, and
-    the whole checked against data.exclude."""
+    what trains checked against data.exclude (the held-out poems may be in it: they are never trained on)."""
     loaded = []
     for source in cfg.sources:
         part = load_poems(source.path, on_invalid=cfg.on_invalid)
         if part.skipped_records:
             log.warning("%s: %s", source.path, part.summary("poems"))
         loaded.append(part.records)
-    check_exclusions([poem for poems in loaded for poem in poems], cfg)
     primary = cfg.sources[0]
     train, val = split_poems(loaded[0], cfg.val_fraction, cfg.split_seed, cfg.folds, cfg.fold)
+    check_exclusions(train + [poem for poems in loaded[1:] for poem in poems], cfg)  # what trains, not validation
     sources = [Source(primary.path, primary.weight, train)]
     sources += [Source(s.path, s.weight, poems) for s, poems in zip(cfg.sources[1:], loaded[1:], strict=True)]
     if not train and len(sources) == 1:
