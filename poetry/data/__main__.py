@@ -1,4 +1,7 @@
 """`python -m poetry.data stats DIR...`: counts and coverage of training trees (or JSON/JSONL files), a column each.
+`python -m poetry.data card DIR... [--exclude FILE...]`: a data card per source (poetry.data.stats).
+`python -m poetry.data import --format F SRC... --out DIR --exclude FILE...`: a public corpus into the train-data
+layout, decontaminated (poetry.data.imports).
 `python -m poetry.data export-val --config C --out DIR`: the run's held-out validation questions in the official
 eval format, with gold answers in the submission format (for infer.py and evaluate.py)."""
 from __future__ import annotations

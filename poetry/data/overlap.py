@@ -96,7 +96,8 @@ class OverlapIndex:
             self._by_title.setdefault(key, number)
 
     def find(self, title: str, author: str | None, content: str) -> Overlap | None:
-        """The first excluded poem this one overlaps, and what they share; None when it is clean."""
+        """The excluded poem this one overlaps, and what they share: a line found exactly first, then one a character
+        off, then title and author; None when it is clean."""
         lines = poem_lines(content)
         for line in lines:
             if line in self._line_owner:
