@@ -103,6 +103,12 @@ def test_cli_needs_an_exclude_set_or_an_explicit_opt_out(tmp_path, capsys):
     assert main(args + ["--no-exclude"]) == 0 and len(load_poems(tmp_path / "ccpm").records) == 4
 
 
+def test_cli_refuses_emotion_from_tags_where_there_are_no_tags(tmp_path, capsys):
+    assert main(["import", "--format", "ccpm", str(FIXTURES / "ccpm"), "--out", str(tmp_path), "--no-exclude",
+                 "--emotion-from-tags"]) == 2
+    assert "ccpm records have none" in capsys.readouterr().err and not (tmp_path / "ccpm").exists()
+
+
 def test_cli_names_a_missing_exclude_file(tmp_path, capsys):
     assert main(["import", "--format", "ccpm", str(FIXTURES / "ccpm"), "--out", str(tmp_path),
                  "--exclude", str(tmp_path / "eval.json")]) == 2

@@ -100,6 +100,15 @@ def test_bad_sources_are_named(override, message):
     assert message in str(err.value)
 
 
+def test_sources_survive_the_saved_config(tmp_path):
+    from poetry.config import save_config
+
+    cfg = load_config(None, ["data.train=[{path: a, weight: 1}, {path: b, weight: 0.25}]", "data.exclude=[e.json]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again.data.sources == [DataSource("a", 1.0), DataSource("b", 0.25)] and again.data.exclude == ["e.json"]
+
+
 def test_missing_source_or_exclude_path_fails_before_any_model(tmp_path):
     from poetry.config import check_inputs
 

@@ -55,6 +55,9 @@ def import_(args, console: Console) -> int:
         print("error: decontamination is on by default: give --exclude FILE... (the official evaluation files, "
               "the train-data tree you validate on), or --no-exclude to import without the check", file=sys.stderr)
         return 2
+    if args.emotion_from_tags and args.format != "gushiwen":
+        print(f"error: --emotion-from-tags reads 古诗文网's tags; {args.format} records have none", file=sys.stderr)
+        return 2
     fmt = FORMATS[args.format]
     exclude = OverlapIndex.from_paths(args.exclude) if args.exclude else None
     out = Path(args.out) / (args.name or fmt.name)
