@@ -9,7 +9,6 @@ out-of-memory shows at step 1 rather than an hour in.
 """
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,8 +20,6 @@ from .data import Example, Poem, QuestionBuilder, validation_examples
 from .data.mix import load_training_poems
 from .data.questions import validation_writing_examples
 from .prompt import IGNORE_INDEX, PromptFormat, tokenize_examples
-
-log = logging.getLogger(__name__)
 
 
 class TaskData:
