@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -45,12 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS_DIR, autocast_dtype, console, write_results  # noqa: E402
+from bench.common import RESULTS_DIR, autocast_dtype, console, wilson, write_results  # noqa: E402
 from poetry.config import OFFICIAL_DATA_HELP, ChoiceMethod  # noqa: E402
 from poetry.data.emotions import valence  # noqa: E402
 from poetry.quiet import quiet_libraries  # noqa: E402
 
-Z95 = 1.959964
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FOLDS = 4
 # what a fold's run directory holds once train.py has finished: the train.py arguments and the final adapter
@@ -80,17 +78,6 @@ def held_out(overrides):
 
 print(json.dumps([held_out(overrides) for overrides in json.loads(sys.argv[2])], ensure_ascii=False))
 """
-
-
-def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion: unlike p ± z·se, it stays in [0, 1] and is not empty
-    at 0 or n successes."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -27,6 +28,7 @@ from poetry.precision import Choice, choose, cpu_flags, cpu_native_bf16, cpuinfo
 from poetry.prompt import PromptFormat
 from poetry.quiet import quiet_libraries
 
+Z95 = 1.959964  # the standard normal quantile of a two-sided 95% interval
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # the flags that decide which float formats are fast on an x86 CPU
 REPORTED_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -117,3 +119,14 @@ def write_results(name: str, results: dict, results_dir: Path = RESULTS_DIR) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": name, "machine": host, **results}, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion: unlike p ± z·se, it stays in [0, 1] and is not empty
+    at 0 or n successes."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

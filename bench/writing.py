@@ -22,7 +22,7 @@ import torch
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import add_dtype_option, autocast_dtype, console, write_results  # noqa: E402
+from bench.common import add_dtype_option, autocast_dtype, console, wilson, write_results  # noqa: E402
 from poetry.builtin import resolve_model_path  # noqa: E402
 from poetry.config import ModelConfig, load_config  # noqa: E402
 from poetry.data.mix import load_training_poems  # noqa: E402
@@ -47,6 +47,11 @@ def titles(args: argparse.Namespace) -> tuple[list, list[str], int]:
     chosen = known[:args.count]
     held_out = sum(poem in val for poem, _ in chosen)
     return [(form, writing_title(poem.title, form)) for poem, form in chosen], [p.content for p in train], held_out
+
+
+def form_interval(scores) -> tuple[float, float]:
+    """The Wilson 95% interval of the share of poems in form (scores.form is a count over scores.poems)."""
+    return wilson(round(scores.form * scores.poems), scores.poems)
 
 
 def main() -> None:
@@ -86,15 +91,18 @@ def main() -> None:
                    sum(w.several_mass * w.positions for w in written) / sum(w.positions for w in written)
                    ) if constrained else None
         results[key] = {"setting": name, "seconds": seconds, "scores": scores.__dict__, "several": several,
+                        "form_interval_95": form_interval(scores),
                         "poems": [{"form": form.name, "title": title, **w.to_json()}
                                   for (form, title), w in zip(requests, written, strict=True)]}
         rows.append((name, scores, seconds, several))
     table = Table(title=f"writing {len(requests)} poems ({held_out} held out), {label}, {dtype.value}")
-    for column in ("setting", "form", "rhyme", "tone", "every rule", "Distinct-2", "lines copied", "seconds",
-                   "top token of several characters"):
+    for column in ("setting", "form", "form, 95% interval", "rhyme", "tone", "every rule", "Distinct-2",
+                   "lines copied", "seconds", "top token of several characters"):
         table.add_column(column, justify="left" if column == "setting" else "right")
     for name, s, seconds, several in rows:
-        table.add_row(name, f"{s.form:.2f}", f"{s.rhyme:.2f}", "-" if s.tone is None else f"{s.tone:.2f}",
+        low, high = form_interval(s)
+        table.add_row(name, f"{s.form:.2f}", f"{low:.2f}-{high:.2f}", f"{s.rhyme:.2f}",
+                      "-" if s.tone is None else f"{s.tone:.2f}",
                       f"{s.regular:.2f}", f"{s.distinct_2:.2f}", f"{s.copied_lines:.2f}", f"{seconds:.0f}",
                       "-" if several is None else f"{several[0]}/{several[1]} ({several[2]:.1%} of the mass)")
     console.print(table)

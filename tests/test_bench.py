@@ -244,7 +244,7 @@ def test_mean_over_folds_averages_each_half():
 
 def test_wilson_interval():
     sys.path.insert(0, str(ROOT))
-    from bench.choose import wilson
+    from bench.common import wilson
 
     assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson(0, 37)[0] == 0.0 and wilson(37, 37)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)
