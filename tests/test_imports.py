@@ -109,6 +109,16 @@ def test_cli_refuses_emotion_from_tags_where_there_are_no_tags(tmp_path, capsys)
     assert "ccpm records have none" in capsys.readouterr().err and not (tmp_path / "ccpm").exists()
 
 
+def test_a_missing_or_wrong_source_is_named_before_anything_is_written(tmp_path, capsys):
+    assert main(["import", "--format", "ccpm", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"),
+                 "--no-exclude"]) == 2
+    assert "nowhere: no such file or directory" in capsys.readouterr().err
+    assert main(["import", "--format", "gushiwen", str(FIXTURES / "ccpm"), "--out", str(tmp_path / "out"),
+                 "--no-exclude"]) == 2
+    assert "ccpm: no poetry_*.json below this directory (is it a gushiwen corpus?)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_names_a_missing_exclude_file(tmp_path, capsys):
     assert main(["import", "--format", "ccpm", str(FIXTURES / "ccpm"), "--out", str(tmp_path),
                  "--exclude", str(tmp_path / "eval.json")]) == 2

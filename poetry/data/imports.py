@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..prosody.tables import simplified
 from .emotions import valence
+from .errors import DataError, Issue
 from .io import loads
 from .overlap import OverlapIndex, normalised
 
@@ -33,20 +34,32 @@ class Read:
 @dataclass(frozen=True)
 class Format:
     name: str
-    read: Callable[[Path, bool], Iterator[Read]]  # (a source path, emotion from tags) -> records
+    patterns: tuple[str, ...]  # its files' names, searched below a source directory
+    read: Callable[[Path, Path, bool], Iterator[Read]]  # (source, one of its files, emotion from tags) -> records
     licence: str  # as the source states it
     feeds: str  # what its records give the question builder
     traditional: bool = False  # converted to simplified characters (OpenCC t2s)
+    skip_dirs: tuple[str, ...] = ()  # directories of the corpus that hold no usable records
+
+    def files(self, source: Path) -> list[Path]:
+        """The files of a source (a file, or a directory searched for the format's names), or a DataError naming
+        what is missing."""
+        if source.is_file():
+            return [source]
+        if not source.is_dir():
+            raise DataError([Issue(str(source), None, None, "no such file or directory")])
+        found = sorted({path for pattern in self.patterns for path in source.rglob(pattern)
+                        if not set(self.skip_dirs) & set(path.relative_to(source).parts)})
+        if not found:
+            raise DataError([Issue(str(source), None, None, f"no {' or '.join(self.patterns)} below this directory "
+                                                            f"(is it a {self.name} corpus?)")])
+        return found
 
 
 def _record(title: str, content: str, *, author: str | None = None, trans: str = "",
             keywords: dict[str, str] | None = None, emotion: str | None = None) -> dict:
     return {"title": title, "author": author, "content": content, "keywords": keywords or {}, "trans": trans,
             "emotion": emotion}
-
-
-def _files(source: Path, pattern: str) -> list[Path]:
-    return [source] if source.is_file() else sorted(source.rglob(pattern))
 
 
 def _json_file(path: Path) -> tuple[object, str]:
@@ -120,123 +133,114 @@ def _emotion_of(tags: object) -> str | None:
     return next((tag for tag in tags if isinstance(tag, str) and valence(tag)), None)
 
 
-def read_gushiwen(source: Path, emotion_from_tags: bool) -> Iterator[Read]:
-    for path in _files(source, "poetry_*.json"):
-        raw, problem = _json_file(path)
-        if problem or not isinstance(raw, dict):
-            yield Read(str(path), None, problem or "expected one JSON object (a poem) per file")
-            continue
-        content, problem = _text(raw, "content")
-        if problem:
-            yield Read(str(path), None, problem)
-            continue
-        poet = raw.get("poet") if isinstance(raw.get("poet"), dict) else {}
-        parts = _sections(raw["fanyi"]) if isinstance(raw.get("fanyi"), str) else {}
-        yield Read(str(path), _record(
-            title=str(raw.get("name") or "").strip(),
-            author=str(poet.get("name") or "").strip() or None,
-            content="\n".join(line.strip() for line in content.split("\n") if line.strip()),
-            trans="\n".join(parts.get("译文", [])),
-            keywords=gushiwen_glosses(parts.get("注释", [])),
-            emotion=_emotion_of(raw.get("tags")) if emotion_from_tags else None))
+def read_gushiwen(source: Path, path: Path, emotion_from_tags: bool) -> Iterator[Read]:
+    raw, problem = _json_file(path)
+    if problem or not isinstance(raw, dict):
+        yield Read(str(path), None, problem or "expected one JSON object (a poem) per file")
+        return
+    content, problem = _text(raw, "content")
+    if problem:
+        yield Read(str(path), None, problem)
+        return
+    poet = raw.get("poet") if isinstance(raw.get("poet"), dict) else {}
+    parts = _sections(raw["fanyi"]) if isinstance(raw.get("fanyi"), str) else {}
+    yield Read(str(path), _record(
+        title=str(raw.get("name") or "").strip(),
+        author=str(poet.get("name") or "").strip() or None,
+        content="\n".join(line.strip() for line in content.split("\n") if line.strip()),
+        trans="\n".join(parts.get("译文", [])),
+        keywords=gushiwen_glosses(parts.get("注释", [])),
+        emotion=_emotion_of(raw.get("tags")) if emotion_from_tags else None))
 
 
 # --- ccpm: THUNLP-AIPoet/CCPM, JSONL of {translation, choices, answer} ----------------------------------------------
 
-def read_ccpm(source: Path, emotion_from_tags: bool) -> Iterator[Read]:
-    for path in _files(source, "*.jsonl"):
-        text = path.read_text(encoding="utf-8-sig")
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:line {number}"
-            try:
-                raw = loads(line)
-            except ValueError as err:
-                yield Read(where, None, f"invalid JSON: {err}")
-                continue
-            if not isinstance(raw, dict):
-                yield Read(where, None, "expected a JSON object")
-                continue
-            translation, problem = _text(raw, "translation")
-            choices, answer = raw.get("choices"), raw.get("answer")
-            if not problem and "answer" not in raw:
-                problem = "field 'answer': missing (test_public.jsonl hides it), so the right line is unknown"
-            elif not problem and not (isinstance(choices, list) and isinstance(answer, int)
-                                      and 0 <= answer < len(choices) and isinstance(choices[answer], str)
-                                      and choices[answer].strip()):
-                problem = f"field 'answer': {answer!r} does not pick a line of 'choices'"
-            if problem:
-                yield Read(where, None, problem)
-                continue
-            yield Read(where, _record(title="", content=choices[answer].strip(), trans=translation))
+def read_ccpm(source: Path, path: Path, emotion_from_tags: bool) -> Iterator[Read]:
+    text = path.read_text(encoding="utf-8-sig")
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:line {number}"
+        try:
+            raw = loads(line)
+        except ValueError as err:
+            yield Read(where, None, f"invalid JSON: {err}")
+            continue
+        if not isinstance(raw, dict):
+            yield Read(where, None, "expected a JSON object")
+            continue
+        translation, problem = _text(raw, "translation")
+        choices, answer = raw.get("choices"), raw.get("answer")
+        if not problem and "answer" not in raw:
+            problem = "field 'answer': missing (test_public.jsonl hides it), so the right line is unknown"
+        elif not problem and not (isinstance(choices, list) and isinstance(answer, int)
+                                  and 0 <= answer < len(choices) and isinstance(choices[answer], str)
+                                  and choices[answer].strip()):
+            problem = f"field 'answer': {answer!r} does not pick a line of 'choices'"
+        if problem:
+            yield Read(where, None, problem)
+            continue
+        yield Read(where, _record(title="", content=choices[answer].strip(), trans=translation))
 
 
 # --- chinese-poetry: JSON lists of {author, paragraphs, title | rhythmic} ------------------------------------------
 
-CHINESE_POETRY_FILES = ("poet.tang.*.json", "poet.song.*.json", "ci.song.*.json", "唐诗三百首.json", "宋词三百首.json")
-
-
-def _chinese_poetry_files(source: Path) -> list[Path]:
-    if source.is_file():
-        return [source]
-    found = {path for pattern in CHINESE_POETRY_FILES for path in source.rglob(pattern)}
-    return sorted(path for path in found if "error" not in path.relative_to(source).parts)  # the curators' rejects
-
-
-def read_chinese_poetry(source: Path, emotion_from_tags: bool) -> Iterator[Read]:
-    for path in _chinese_poetry_files(source):
-        data, problem = _json_file(path)
-        if problem or not isinstance(data, list):
-            yield Read(str(path), None, problem or "expected a JSON list of poems")
+def read_chinese_poetry(source: Path, path: Path, emotion_from_tags: bool) -> Iterator[Read]:
+    data, problem = _json_file(path)
+    if problem or not isinstance(data, list):
+        yield Read(str(path), None, problem or "expected a JSON list of poems")
+        return
+    for number, raw in enumerate(data):
+        where = f"{path}:record {number}"
+        paragraphs = raw.get("paragraphs") if isinstance(raw, dict) else None
+        lines = [p.strip() for p in paragraphs if isinstance(p, str) and p.strip()] \
+            if isinstance(paragraphs, list) else []
+        if not lines:
+            yield Read(where, None, "field 'paragraphs': missing or empty" if isinstance(raw, dict)
+                       else "expected a JSON object")
             continue
-        for number, raw in enumerate(data):
-            where = f"{path}:record {number}"
-            paragraphs = raw.get("paragraphs") if isinstance(raw, dict) else None
-            lines = [p.strip() for p in paragraphs if isinstance(p, str) and p.strip()] \
-                if isinstance(paragraphs, list) else []
-            if not lines:
-                yield Read(where, None, "field 'paragraphs': missing or empty" if isinstance(raw, dict)
-                           else "expected a JSON object")
-                continue
-            title = raw.get("title") or raw.get("rhythmic") or ""  # a 词 is known by its 词牌
-            author = raw.get("author")
-            yield Read(where, _record(
-                title=simplified(str(title).strip()), content=simplified("\n".join(lines)),
-                author=simplified(author.strip()) if isinstance(author, str) and author.strip() else None))
+        title = raw.get("title") or raw.get("rhythmic") or ""  # a 词 is known by its 词牌
+        author = raw.get("author")
+        yield Read(where, _record(
+            title=simplified(str(title).strip()), content=simplified("\n".join(lines)),
+            author=simplified(author.strip()) if isinstance(author, str) and author.strip() else None))
 
 
 # --- classical-modern: NiuTrans/Classical-Modern, 古文：/现代文： pairs ---------------------------------------------
 
-def read_classical_modern(source: Path, emotion_from_tags: bool) -> Iterator[Read]:
-    for path in _files(source, "bitext.txt"):
-        title = "·".join(path.parent.relative_to(source).parts[-2:]) if source.is_dir() else path.parent.name
-        text = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
-        number = 0
-        for block in text.split("\n\n"):
-            lines = [line.strip() for line in block.split("\n") if line.strip()]
-            if not lines:
-                continue
-            number += 1
-            where = f"{path}:pair {number}"
-            classical = [line.removeprefix("古文：").strip() for line in lines if line.startswith("古文：")]
-            modern = [line.removeprefix("现代文：").strip() for line in lines if line.startswith("现代文：")]
-            if len(classical) != 1 or len(modern) != 1 or len(lines) != 2 or not classical[0] or not modern[0]:
-                yield Read(where, None, "expected a 古文： line and its 现代文： line, both non-empty")
-                continue
-            yield Read(where, _record(title=title, content=classical[0], trans=modern[0]))
+def read_classical_modern(source: Path, path: Path, emotion_from_tags: bool) -> Iterator[Read]:
+    title = "·".join(path.parent.relative_to(source).parts[-2:]) if source.is_dir() else path.parent.name
+    text = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
+    number = 0
+    for block in text.split("\n\n"):
+        lines = [line.strip() for line in block.split("\n") if line.strip()]
+        if not lines:
+            continue
+        number += 1
+        where = f"{path}:pair {number}"
+        classical = [line.removeprefix("古文：").strip() for line in lines if line.startswith("古文：")]
+        modern = [line.removeprefix("现代文：").strip() for line in lines if line.startswith("现代文：")]
+        if len(classical) != 1 or len(modern) != 1 or len(lines) != 2 or not classical[0] or not modern[0]:
+            yield Read(where, None, "expected a 古文： line and its 现代文： line, both non-empty")
+            continue
+        yield Read(where, _record(title=title, content=classical[0], trans=modern[0]))
 
 
 FORMATS = {f.name: f for f in (
-    Format("gushiwen", read_gushiwen, "GPL-3.0 (javayhu/poetry README); its text was crawled from 古诗文网 in 2017",
-           "whole poems with translations (译文) and glosses (注释); emotions only with --emotion-from-tags"),
-    Format("ccpm", read_ccpm, "none stated (THUNLP-AIPoet/CCPM: no LICENSE; its README asks for a citation)",
-           "single lines with their modern translation: sentence-translation examples"),
-    Format("chinese-poetry", read_chinese_poetry, "MIT (chinese-poetry/chinese-poetry LICENSE)",
-           "plain poems (no translation or glosses): writing examples, and a decontamination index",
-           traditional=True),
-    Format("classical-modern", read_classical_modern, "MIT (NiuTrans/Classical-Modern LICENSE)",
-           "prose sentences with their modern translation: general translation examples only"),
+    Format("gushiwen", ("poetry_*.json",), read_gushiwen,
+           licence="GPL-3.0 (javayhu/poetry README); its text was crawled from 古诗文网 in 2017",
+           feeds="whole poems with translations (译文) and glosses (注释); emotions only with --emotion-from-tags"),
+    Format("ccpm", ("*.jsonl",), read_ccpm,
+           licence="none stated (THUNLP-AIPoet/CCPM: no LICENSE; its README asks for a citation)",
+           feeds="single lines with their modern translation: sentence-translation examples"),
+    Format("chinese-poetry", ("poet.tang.*.json", "poet.song.*.json", "ci.song.*.json", "唐诗三百首.json",
+                              "宋词三百首.json"), read_chinese_poetry,
+           licence="MIT (chinese-poetry/chinese-poetry LICENSE)",
+           feeds="plain poems (no translation or glosses): writing examples, and a decontamination index",
+           traditional=True, skip_dirs=("error",)),  # 全唐诗/error/: the curators' rejected copies
+    Format("classical-modern", ("bitext.txt",), read_classical_modern,
+           licence="MIT (NiuTrans/Classical-Modern LICENSE)",
+           feeds="prose sentences with their modern translation: general translation examples only"),
 )}
 
 
@@ -291,6 +295,7 @@ def import_corpus(fmt: Format, sources: Iterable[str | Path], out: str | Path, e
     """Read every record of `sources`, drop the malformed, duplicated and excluded ones, and write the rest to
     `out/train.json`, with `out/import.json` (format, licence, counts) and `out/dropped.jsonl` (each dropped
     record and why)."""
+    files = [(Path(source), path) for source in sources for path in fmt.files(Path(source))]  # errors before writing
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = ImportReport(fmt.name, [str(s) for s in sources], str(out))
@@ -303,8 +308,8 @@ def import_corpus(fmt: Format, sources: Iterable[str | Path], out: str | Path, e
             if len(report.dropped) < 1000:  # the console shows a few; the file holds them all
                 report.dropped.append(item)
 
-        for source in report.inputs:
-            for read in fmt.read(Path(source), emotion_from_tags):
+        for source, path in files:
+            for read in fmt.read(source, path, emotion_from_tags):
                 report.read += 1
                 if read.record is None:
                     report.malformed[read.problem] += 1
