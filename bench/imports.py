@@ -43,12 +43,13 @@ def tokenise(examples, tokenizer_path: str, max_len: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
-    parser.add_argument("sources", nargs="+")
-    parser.add_argument("--exclude", nargs="*", default=[], help="as for poetry.data import")
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS), help="as for poetry.data import")
+    parser.add_argument("sources", nargs="+", help="the corpus' directory (or files) as published")
+    parser.add_argument("--exclude", nargs="*", default=[], help="as for poetry.data import (default: none)")
     parser.add_argument("--tokenizer", help="also tokenise the epoch with this model's tokenizer (dir or builtin:)")
-    parser.add_argument("--max-len", type=int, default=1024)
-    parser.add_argument("--label", default="", help="a name for the result file")
+    parser.add_argument("--max-len", type=int, default=1024,
+                        help="longer examples are dropped, as data.max_len does (default: %(default)s)")
+    parser.add_argument("--label", default="", help="a name for the result file (default: none)")
     args = parser.parse_args()
 
     stages, peaks = {}, {"start": peak_rss_mb()}

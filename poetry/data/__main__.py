@@ -110,17 +110,18 @@ def _parser() -> argparse.ArgumentParser:
     card_parser = sub.add_parser("card", help=card_help, description=card_help)
     card_parser.add_argument("paths", nargs="+", metavar="path", help="a train-data tree (e.g. an import's output)")
     card_parser.add_argument("--exclude", nargs="*", default=[], metavar="FILE",
-                             help="evaluation files or trees to count overlaps with (poetry.data.overlap)")
+                             help="evaluation files or trees to count overlaps with (default: none)")
     import_help = "convert a public corpus into the train-data layout, decontaminated"
     imp = sub.add_parser("import", help=import_help, description=import_help + ". Formats: " + "; ".join(
         f"{f.name}: {f.feeds}" for f in FORMATS.values()))
-    imp.add_argument("--format", required=True, choices=sorted(FORMATS))
+    imp.add_argument("--format", required=True, choices=sorted(FORMATS), help="the corpus' published layout")
     imp.add_argument("sources", nargs="+", metavar="SRC", help="the corpus' directory (or files) as published")
     imp.add_argument("--out", required=True, help="writes OUT/<name>/train.json, import.json and dropped.jsonl")
     imp.add_argument("--name", help="the source's directory under OUT (default: the format)")
     imp.add_argument("--exclude", nargs="*", default=[], metavar="FILE",
                      help="evaluation files (official eval format) and train-data trees whose poems must not be "
-                          "imported (a shared line, within one character, or the same title and author)")
+                          "imported: a shared line, within one character, or the same title and author (default: none, "
+                          "which needs --no-exclude)")
     imp.add_argument("--no-exclude", action="store_true", help="import without decontamination")
     imp.add_argument("--emotion-from-tags", action="store_true",
                      help="gushiwen: a poem's emotion is its first tag the valence lexicon knows (思乡, 闲适 ...)")
