@@ -23,6 +23,8 @@ from .errors import DataError, Issue
 from .io import loads
 from .overlap import OverlapIndex, normalised
 
+IMPORT_RECORD = "import.json"  # what an import declares of a source (format, licence, counts), beside its train.json
+
 
 @dataclass(frozen=True)
 class Read:
@@ -339,5 +341,5 @@ def _write_record(fmt: Format, report: ImportReport, exclude: OverlapIndex | Non
                    "malformed": sum(report.malformed.values()), "duplicates": report.duplicates},
         "malformed": dict(report.malformed.most_common()),
     }
-    (Path(report.out) / "import.json").write_text(json.dumps(declared, ensure_ascii=False, indent=1) + "\n",
+    (Path(report.out) / IMPORT_RECORD).write_text(json.dumps(declared, ensure_ascii=False, indent=1) + "\n",
                                                   encoding="utf-8")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .emotions import OFFICIAL_SHARED_PAIR_RATE, shared_pair_rate, valence
+from .imports import IMPORT_RECORD
 from .overlap import OverlapIndex
 from .questions import QuestionBuilder, align_sentences, clauses
 from .records import Example, Poem
@@ -110,9 +111,6 @@ def compute_stats(poems: list[Poem], max_items: int = 3) -> Stats:
         poems_without_questions=sum(1 for p in poems if not any(not e.form for e in built[p.key])),
         without_trans=sum(1 for p in poems if not p.trans),
     )
-
-
-IMPORT_RECORD = "import.json"  # what `python -m poetry.data import` declares of a source, beside its train.json
 
 
 def declared_licence(path: Path) -> str:
