@@ -274,7 +274,7 @@ from poetry.precision import choose, default_device  # noqa: E402
 from poetry.prompt import PromptFormat, tokenize_examples  # noqa: E402
 from poetry.prosody import form_named, record_form  # noqa: E402
 from poetry.validation import perplexity, target_loss_sums  # noqa: E402
-from poetry.write import Sampling, rhyme_group, write_poems  # noqa: E402
+from poetry.write import Sampling, rhyme_group, several_character_share, write_poems  # noqa: E402
 
 
 def _dtype(requested: str, device: str) -> str:
@@ -488,11 +488,9 @@ def _write(args: argparse.Namespace) -> int:
 
 def _excluded(written: list) -> str:
     """What allowing one character a token took from the model, where it wrote."""
-    positions = sum(w.positions for w in written)
-    mass = sum(w.several_mass * w.positions for w in written) / positions
-    return (f"one character a token: the model's most likely token held several characters at "
-            f"{sum(w.several_top for w in written)} of {positions} positions, and such tokens {mass:.1%} of its "
-            f"probability there")
+    top, positions, mass = several_character_share(written)
+    return (f"one character a token: the model's most likely token held several characters at {top} of "
+            f"{positions} positions, and such tokens {mass:.1%} of its probability there")
 
 
 def _verdict(written) -> str:

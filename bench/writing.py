@@ -31,7 +31,7 @@ from poetry.prompt import PromptFormat  # noqa: E402
 from poetry.prosody import poem_form, writing_title  # noqa: E402
 from poetry.prosody.score import score_writing  # noqa: E402
 from poetry.quiet import quiet_libraries  # noqa: E402
-from poetry.write import write_poems  # noqa: E402
+from poetry.write import several_character_share, write_poems  # noqa: E402
 
 SETTINGS = {"free": ("free decoding", False, "off"), "off": ("constrained, tones off", True, "off"),
             "loose": ("constrained, tones loose", True, "loose"), "strict": ("constrained, tones strict", True,
@@ -87,9 +87,7 @@ def main() -> None:
                                                  constrained=constrained)]
         seconds = time.perf_counter() - started
         scores = score_writing([(form, w.text) for (form, _), w in zip(requests, written, strict=True)], corpus)
-        several = (sum(w.several_top for w in written), sum(w.positions for w in written),
-                   sum(w.several_mass * w.positions for w in written) / sum(w.positions for w in written)
-                   ) if constrained else None
+        several = several_character_share(written) if constrained else None
         results[key] = {"setting": name, "seconds": seconds, "scores": scores.__dict__, "several": several,
                         "form_interval_95": form_interval(scores),
                         "poems": [{"form": form.name, "title": title, **w.to_json()}

@@ -70,6 +70,14 @@ class Written:
         return {"text": self.text, "mean_logprob": self.mean_logprob, **self.check.to_json()}
 
 
+def several_character_share(written: list[Written]) -> tuple[int, int, float]:
+    """What allowing one character a token took from the model over constrained poems: (positions where its most
+    likely token held several characters, positions written, the mean probability such tokens held there)."""
+    positions = sum(w.positions for w in written)
+    return (sum(w.several_top for w in written), positions,
+            sum(w.several_mass * w.positions for w in written) / positions)
+
+
 class CharVocab:
     """Masks over the output layer's rows: the ids that are one CJK character (by their tone, by their rhyme) and
     those that hold several."""
