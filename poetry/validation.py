@@ -19,6 +19,7 @@ from .choice import answer_questions
 from .config import EvalConfig
 from .metrics import BertScore, combine, score_answers
 from .prosody import form_named
+from .prosody.score import rule_counts
 from .write import write_poems
 
 
@@ -143,10 +144,7 @@ class Validator:
         with self.autocast(), self.parallel.whole_model(loss_module):
             written = write_poems(model, self.fmt, requests, batch_size=self.cfg.batch_size, constrained=False,
                                   progress=self.heartbeat("validation writing", len(requests)))
-        checks = [candidates[0].check for candidates in written]
-        shaped = [check for check in checks if check.lines_ok]
-        local = [len(checks), len(shaped), sum(c.rhyme_ok for c in checks), sum(c.tones_right for c in shaped),
-                 sum(c.tones_checked for c in shaped)]
+        local = rule_counts([candidates[0].check for candidates in written])
         n, form, rhyme, right, checked = self.parallel.sum(
             torch.tensor(local, dtype=torch.float64, device=self.device)).tolist()
         metrics = {"val/writing_form": form / n, "val/writing_rhyme": rhyme / n}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .check import check_poem
+from .check import PoemCheck, check_poem
 from .forms import Form, poem_lines
 
 
@@ -44,17 +44,24 @@ class WritingScores:
                 ("poems with a copied line", share(self.poems_with_copied_line))]
 
 
+def rule_counts(checks: list[PoemCheck]) -> list[int]:
+    """[poems, poems of the right form, poems rhymed right, tone positions right, tone positions checked], the
+    tones counted on the poems of the right form only: the counts behind the form, rhyme and tone rates, which
+    processes can sum before dividing."""
+    shaped = [check for check in checks if check.lines_ok]
+    return [len(checks), len(shaped), sum(c.rhyme_ok for c in checks), sum(c.tones_right for c in shaped),
+            sum(c.tones_checked for c in shaped)]
+
+
 def score_writing(poems: list[tuple[Form, str]], corpus: list[str] | None = None, loose: bool = True) -> WritingScores:
     if not poems:
         raise ValueError("no poems to score")
     checks = [check_poem(text, form, loose=loose) for form, text in poems]
-    shaped = [check for check in checks if check.lines_ok]
-    checked = sum(check.tones_checked for check in shaped)
+    n, shaped, rhymed, right, checked = rule_counts(checks)
     lines = [poem_lines(text) for _, text in poems]
     copies = _copies([line for poem in lines for line in poem], lines, corpus) if corpus is not None else None
     return WritingScores(
-        len(poems), len(shaped) / len(poems), sum(c.rhyme_ok for c in checks) / len(poems),
-        sum(c.tones_right for c in shaped) / checked if checked else None, sum(c.ok for c in checks) / len(poems),
+        n, shaped / n, rhymed / n, right / checked if checked else None, sum(c.ok for c in checks) / n,
         _distinct(lines, 1), _distinct(lines, 2), *(copies or (None,) * 4))
 
 
