@@ -28,7 +28,7 @@ import torch
 
 from .decode import Progress, drive, model_device, token_texts
 from .prompt import PromptFormat
-from .prosody.check import PoemCheck, check_poem, rhyme_classes
+from .prosody.check import PoemCheck, check_poem, group_classes, rhyme_classes
 from .prosody.forms import EITHER, Form
 from .prosody.tables import LEVEL, OBLIQUE, RhymeGroup, RhymeTable, rhyme_table
 
@@ -163,7 +163,7 @@ class PoemState(_Writing):
         self.generator = torch.Generator(device=chars.device).manual_seed(sampling.seed * 1_000_003 + candidate)
         self.specs = form.patterns[0].lines  # line lengths and punctuation: the same in every pattern
         self.patterns = list(form.patterns)  # those that fit what is written so far (tones on)
-        self.classes = {chain: _classes_of(rhyme, tone, form.regulated) if rhyme and rhyme.tone == tone
+        self.classes = {chain: frozenset(group_classes(rhyme, form.regulated)) if rhyme and rhyme.tone == tone
                         else frozenset() for chain, tone in form.chain_tones.items()}  # 清平乐: one chain of two
         self.lines: list[str] = [""]
         self.ids: list[int] = []
@@ -305,10 +305,6 @@ def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) 
 def _punctuation(specs, line: int) -> str:
     """，after a line that does not rhyme, 。after one that does and at the end."""
     return "。" if specs[line].rhyme or line == len(specs) - 1 else "，"
-
-
-def _classes_of(group: RhymeGroup, tone: str, regulated: bool) -> frozenset[str]:
-    return frozenset({group.short} if regulated else {f"第{section}部" for section in group.ci_sections})
 
 
 def rhyme_group(forms: list[Form], rhyme: str | None, n: int, sampling: Sampling) -> RhymeGroup | None:

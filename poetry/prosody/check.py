@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from .forms import EITHER, Form, Pattern, poem_lines
-from .tables import LEVEL, RhymeTable, rhyme_table
+from .tables import LEVEL, RhymeGroup, RhymeTable, rhyme_table
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,9 @@ def _borrowed_first_rhyme(index: int, char: str, group: str, form: Form, table: 
 
 def rhyme_classes(char: str, tone: str, regulated: bool, table: RhymeTable) -> set[str]:
     """Where a rhyme character may rhyme: its 平水韵 groups of that tone, or, for a 词, their 词林正韵 部."""
-    groups = [group for group in table.groups_of(char) if group.tone == tone]
-    if regulated:
-        return {group.short for group in groups}
-    return {f"第{section}部" for group in groups for section in group.ci_sections}
+    return {name for group in table.groups_of(char) if group.tone == tone for name in group_classes(group, regulated)}
+
+
+def group_classes(group: RhymeGroup, regulated: bool) -> set[str]:
+    """What a 平水韵 group rhymes as: itself in regulated verse, its 词林正韵 部 in a 词."""
+    return {group.short} if regulated else {f"第{section}部" for section in group.ci_sections}
