@@ -14,9 +14,10 @@
   after the cue alone, per character. An option the model finds likely whatever the poem (the training set's
   frequent sorrow) loses what it owes to that prior. Each distinct option text's prior is computed once a call.
 
-Option likelihoods are scored as the training loss scores targets (poetry.loss.TargetOnlyLoss: a prompt-learning
-adapter's virtual tokens first, only the option's positions through the output layer), each (prompt, option) pair a
-right-padded row, the options of `batch_size` questions in one forward.
+Option likelihoods are scored by the decoding engine (poetry.decode.drive: a prompt-learning adapter's virtual tokens
+first, the output layer on the option's positions only), the options of `batch_size` questions a batch: each
+question's prompt is fed once, then its four options in one forward after the prompt's keys and values. Fed as
+four rows of prompt and option, the prompt (~300 tokens, the option ~5) was most of the cost, four times over.
 
 The rest of the answer is the same constrained decoding in every mode, and so is the answer's format.
 """
@@ -24,33 +25,51 @@ from __future__ import annotations
 
 import typing
 
+import torch
+
 from .config import ChoiceMethod
 from .data.records import OPTION_LETTERS, Question
-from .decode import Decoded, LetterPick, Progress, decode_constrained, inference, model_device, pick_most_likely_letter
-from .feed import Collator
-from .loss import TargetOnlyLoss
-from .prompt import IGNORE_INDEX, PromptFormat
+from .decode import Decoded, LetterPick, Progress, decode_constrained, drive, pick_most_likely_letter
+from .prompt import PromptFormat
 
 METHODS = typing.get_args(ChoiceMethod)
 CONTENT_FREE = "N/A"
 
 
-def continuation_logliks(model, pairs: list[tuple[list[int], list[int]]], rows_per_forward: int) -> list[float]:
+class _Continuation:
+    """A known continuation scored after its context by the decoding engine (poetry.decode.drive): its tokens are
+    the drafts, which it always accepts, and their log-probabilities are summed as the engine reads their scores.
+    Rows of one context share its keys and values: a question's poem is fed once, not once per option."""
+
+    def __init__(self, context: list[int], tokens: list[int]):
+        if not tokens:
+            raise ValueError("an empty continuation has no likelihood to score")
+        self.prompt_key = tuple(context)
+        self.tokens = tokens
+        self.scored = 0
+        self.logprob = 0.0
+
+    def start(self) -> list[int]:
+        return []
+
+    def drafts(self, sequence: list[int], max_tokens: int) -> list[int]:
+        """The tokens after the due one whose scores are still wanted (the last token's scores never are)."""
+        return self.tokens[self.scored:len(self.tokens) - 1]
+
+    def advance(self, logits: torch.Tensor) -> list[int]:
+        self.logprob += float(logits.float().log_softmax(-1)[self.tokens[self.scored]])
+        self.scored += 1
+        return [self.tokens[self.scored - 1]] if self.scored < len(self.tokens) else []
+
+
+def continuation_logliks(model, fmt: PromptFormat, pairs: list[tuple[list[int], list[int]]],
+                         rows_per_forward: int) -> list[float]:
     """The summed log-probability of each continuation after its context, for (context ids, continuation ids)
-    pairs: each pair is a row whose targets are the continuation's tokens, longest rows batched first."""
-    scorer, device = TargetOnlyLoss(model), model_device(model)
-    collate = Collator(pad_token_id=0)  # any id: padding is masked and never a target
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-    scores = [0.0] * len(pairs)
-    with inference(model):
-        for start in range(0, len(order), rows_per_forward):
-            batch = order[start:start + rows_per_forward]
-            columns = {"input_ids": [pairs[i][0] + pairs[i][1] for i in batch],
-                       "labels": [[IGNORE_INDEX] * len(pairs[i][0]) + pairs[i][1] for i in batch]}
-            rows = {key: value.to(device) for key, value in collate(columns).items()}
-            for i, score in zip(batch, scorer.row_logprobs(**rows).tolist(), strict=True):
-                scores[i] = score
-    return scores
+    pairs: the pairs of one context in a batch share its forward, and each continuation takes one more."""
+    states = [_Continuation(context, tokens) for context, tokens in pairs]
+    longest = max((len(tokens) for _, tokens in pairs), default=0)
+    drive(model, fmt, states, [context for context, _ in pairs], rows_per_forward, draft_tokens=longest)
+    return [state.logprob for state in states]
 
 
 def option_logliks(model, fmt: PromptFormat, questions: list[Question], batch_size: int = 8) -> list[dict[str, float]]:
@@ -60,7 +79,7 @@ def option_logliks(model, fmt: PromptFormat, questions: list[Question], batch_si
     for question in questions:
         prompt = fmt.emotion_prompt_ids(question) if question.choose else []
         pairs += [(prompt, fmt.text_ids(text)) for text in question.choose.values()]
-    scores = iter(continuation_logliks(model, pairs, len(OPTION_LETTERS) * batch_size))
+    scores = iter(continuation_logliks(model, fmt, pairs, len(OPTION_LETTERS) * batch_size))
     return [{letter: next(scores) for letter in question.choose} for question in questions]
 
 
@@ -69,7 +88,7 @@ def option_priors(model, fmt: PromptFormat, texts: list[str], batch_size: int = 
     options repeat across questions."""
     distinct = sorted(set(texts))
     cue = fmt.emotion_cue_ids()
-    scores = continuation_logliks(model, [(cue, fmt.text_ids(text)) for text in distinct],
+    scores = continuation_logliks(model, fmt, [(cue, fmt.text_ids(text)) for text in distinct],
                                   len(OPTION_LETTERS) * batch_size)
     return dict(zip(distinct, scores, strict=True))
 

@@ -213,12 +213,13 @@ class _AnswerState:
         """Rows with equal keys ask about one poem: the engine feeds its prompt once for them (`_shared_prompts`)."""
         return self.question.title, self.question.author, self.question.content
 
-    def draft_room(self) -> int:
-        """How many drafted tokens may follow the one due: inside a value and its budget only (the token that fills
-        the budget closes the value)."""
+    def drafts(self, sequence: list[int], max_tokens: int) -> list[int]:
+        """Prompt lookup's guesses after the due token, which ends `sequence`: inside a value and its budget only
+        (the token that fills the budget closes the value)."""
         if self.done or self.skeleton.slots[self.slot] is None:
-            return 0
-        return self.max_new_tokens - len(self.value_ids) - 1
+            return []
+        room = min(max_tokens, self.max_new_tokens - len(self.value_ids) - 1)
+        return prompt_lookup(sequence, room) if room > 0 else []
 
     def _piece_ids(self, tail: str) -> list[int]:
         """Ids of the fixed piece after the current slot, tokenised together with the value's text that shared
@@ -349,8 +350,9 @@ def drive(model, fmt: PromptFormat, states: list, prompts: list[list[int]], batc
           progress: Progress | None = None, draft_tokens: int = 0) -> None:
     """The engine, whatever the constraint: each state, fed its prompt and its forced start, chooses from the
     scores what is fed next until it is done, in batches of rows with their own keys and values. A state has
-    `start() -> ids`, `advance(logits) -> ids` (nothing once done), `draft_room() -> int` (drafts allowed after
-    the due token) and `prompt_key` (states with equal keys share their prompt's keys and values)."""
+    `start() -> ids`, `advance(logits) -> ids` (nothing once done), `drafts(sequence, max_tokens) -> ids` (tokens
+    to verify after the due one, which ends `sequence`; see `_forward`) and `prompt_key` (states with equal keys
+    share their prompt's keys and values)."""
     virtual = VirtualTokens.of(model)
     with inference(model):
         prefix = virtual.kv() if virtual else []
@@ -374,9 +376,10 @@ class _Row:
         self.feed = feed  # the tokens due next; scores are wanted after the last
 
     def drafts(self, max_tokens: int) -> list[int]:
-        """Guessed tokens to verify after the one due, as many as its state allows there."""
-        room = min(max_tokens, self.state.draft_room()) if len(self.feed) == 1 else 0
-        return prompt_lookup(self.ids[self.virtual:] + self.feed, room) if room > 0 else []
+        """Up to `max_tokens` tokens to verify after the one due, as its state proposes them; none after a run."""
+        if len(self.feed) != 1 or max_tokens < 1:
+            return []
+        return self.state.drafts(self.ids[self.virtual:] + self.feed, max_tokens)[:max_tokens]
 
 
 def _decode_batch(lm: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:

@@ -144,8 +144,8 @@ class _Writing:
     def prompt_key(self) -> tuple:
         return "write", self.form.name, self.title  # the candidates of one title share its prompt
 
-    def draft_room(self) -> int:
-        return 0  # a poem restates nothing of its prompt for prompt lookup to find
+    def drafts(self, sequence: list[int], max_tokens: int) -> list[int]:
+        return []  # a poem restates nothing of its prompt for prompt lookup to find
 
     def start(self) -> list[int]:
         return []

@@ -49,14 +49,28 @@ def test_option_logliks_equal_the_full_sequence_computation(family_models, fmt, 
             assert scores == pytest.approx(full_sequence_logliks(model, fmt, question), abs=1e-4)
 
 
+def test_a_questions_prompt_is_fed_once_for_its_four_options(family_models, fmt, sample_questions):
+    """Its options follow the prompt's keys and values, one forward for the four: not four rows of prompt and
+    option."""
+    model, question = family_models["qwen3"], sample_questions[0]
+    fed = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: fed.append(args[0].numel()))
+    try:
+        option_logliks(model, fmt, [question], batch_size=1)
+    finally:
+        hook.remove()
+    longest = max(len(fmt.text_ids(text)) for text in question.choose.values())
+    assert len(fed) == 2 and sum(fed) <= len(fmt.emotion_prompt_ids(question)) + len(OPTION_LETTERS) * longest
+
+
 def test_option_priors_score_each_distinct_text_once_after_the_cue_alone(family_models, fmt, sample_questions,
                                                                           monkeypatch):
     model, scored = family_models["gemma3"], []
     continuation_logliks = choice.continuation_logliks
 
-    def counting(model, pairs, rows):
+    def counting(model, fmt, pairs, rows):
         scored.extend(pairs)
-        return continuation_logliks(model, pairs, rows)
+        return continuation_logliks(model, fmt, pairs, rows)
 
     monkeypatch.setattr(choice, "continuation_logliks", counting)
     twice = [*sample_questions, sample_questions[0]]  # the first poem's options twice
