@@ -6,7 +6,7 @@ are kept as JSON under bench/results/.
 
     python bench/decode.py [--model builtin:gemma-3-270m] [--adapter DIR [--merge]] [--questions Q.json]
         [--count 8] [--max-new-tokens 8] [--batch-size 8] [--draft-tokens 0,4] [--options] [--no-free]
-        [--repeats 2] [--threads N] [--dtype auto|fp32|bf16] [--naive] [--baseline FILE]
+        [--repeats 2] [--threads N] [--dtype auto|fp32|bf16] [--naive] [--baseline FILE] [--options-baseline FILE]
         [--results-dir bench/results] [--name decode]
 
 The model is the base alone (zero-shot), or with --adapter a run's adapter, unmerged as the training loop's
@@ -15,7 +15,8 @@ k (0: plain), speculative rows compared with the plain one; each is also run onc
 forwards per value token, the mean number of drafts accepted per verification, and the time split between the
 prompts' prefill, the forced runs, the value tokens (with their drafts' verification) and, inside all three, the
 output layer. --options adds a row for the likelihood modes' option scoring (poetry.choice: the options of every
-question and their priors, batched across questions).
+question and their priors, batched across questions); --options-baseline times another version of poetry/choice.py's
+option scoring beside it, their scores compared.
 
 --baseline times an older decoder interleaved with the current one: `git worktree add /tmp/old-decode HEAD` (or
 `git show HEAD:poetry/decode.py > /tmp/old_decode.py`), then `--baseline /tmp/old-decode/poetry/decode.py`; the file
@@ -62,14 +63,26 @@ LACKS = {"valid": {"invalid_json", "fence", "think"}, "non_empty": {"missing_val
          "positional": {"invalid_json", "fence", "think", "section_name", "keys"}, "letter": {"choose_id"}}
 
 
-def load_decoder(path: Path) -> ModuleType:
-    """Another version of poetry/decode.py, imported as a module of this package (its relative imports resolve
-    to this tree)."""
-    spec = importlib.util.spec_from_file_location("poetry._baseline_decode", path)
+def load_baseline(path: Path, name: str) -> ModuleType:
+    """Another version of a module of poetry/ (decode.py, choice.py), imported as a module of this package (its
+    relative imports resolve to this tree)."""
+    spec = importlib.util.spec_from_file_location(f"poetry._baseline_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their class's module up there
     spec.loader.exec_module(module)
     return module
+
+
+def scored_options(module: ModuleType, model, fmt, questions, batch_size: int) -> list[float]:
+    """Every option's summed log-probability after its question, then every distinct option's after the cue alone
+    (likelihood_pmi's prior), by `module` (poetry.choice or a baseline of it)."""
+    logliks = module.option_logliks(model, fmt, questions, batch_size)
+    priors = module.option_priors(model, fmt, [text for q in questions for text in q.choose.values()], batch_size)
+    return [score for per in logliks for score in per.values()] + [priors[text] for text in sorted(priors)]
+
+
+def score_difference(scores: list[float], reference: list[float]) -> float:
+    return max((abs(a - b) for a, b in zip(scores, reference, strict=True)), default=0.0)
 
 
 def quality(questions, texts: list[str]) -> dict[str, float]:
@@ -142,11 +155,14 @@ class Counters:
                 "seconds": self.seconds}
 
 
-def load(args: argparse.Namespace):
-    """(tokenizer, model): the base alone, or with --adapter (merged with --merge)."""
+def load(args: argparse.Namespace, dtype: str):
+    """(tokenizer, model): the base alone, or with --adapter (merged with --merge). The weights are in the
+    autocast dtype, as train.py and infer.py load them (`model.dtype: auto`): autocast caches its casts of trainable
+    weights only, so fp32 weights under a bf16 autocast would be cast again at every forward once an adapter has
+    frozen them (measured on Intel with avx512_bf16: fine-tuned decoding 2.5x slower than with bf16 weights)."""
     quiet_libraries()
     path = resolve_model_path(args.model)
-    model = load_model(ModelConfig(path=path, dtype="fp32"), for_training=False)
+    model = load_model(ModelConfig(path=path, dtype=dtype), for_training=False)
     if args.adapter:
         from peft import PeftModel
 
@@ -185,6 +201,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds after one untimed warm-up")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads; default: torch's own choice")
     parser.add_argument("--naive", action="store_true", help="also the naive reference (slow on real models)")
+    parser.add_argument("--options-baseline", type=Path,
+                        help="another poetry/choice.py whose option scoring to time against --options' (implies it)")
     parser.add_argument("--baseline", type=Path, help="another poetry/decode.py to time against")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="decode", help="the results file's name before the CPU and date")
@@ -196,7 +214,8 @@ def main() -> None:
 
     if args.merge and not args.adapter:
         parser.error("--merge needs --adapter")
-    tokenizer, model = load(args)
+    args.options = args.options or bool(args.options_baseline)
+    tokenizer, model = load(args, dtype.value)
     fmt = PromptFormat(tokenizer)
     questions = load_questions(args.questions).records[:args.count]
     outputs: dict[str, list] = {}
@@ -210,7 +229,7 @@ def main() -> None:
     methods = {} if args.no_free else {
         FREE: lambda: decode.decode_free(model, fmt, questions, args.batch_size, args.max_new_tokens).items}
     if args.baseline:
-        old = load_decoder(args.baseline)
+        old = load_baseline(args.baseline, "decode")
         methods[f"constrained, baseline {args.baseline}"] = lambda: old.decode_constrained(
             model, fmt, questions, args.batch_size, args.max_new_tokens)
     constrained = {constrained_name(k): functools.partial(decode.decode_constrained, model, fmt, questions,
@@ -220,17 +239,19 @@ def main() -> None:
     if args.naive:
         methods[NAIVE] = lambda: decode.decode_naive(model, fmt, questions, args.max_new_tokens)
     if args.options:
-        def scored_options():
-            logliks = choice.option_logliks(model, fmt, questions, args.batch_size)
-            texts = [text for q in questions for text in q.choose.values()]
-            return logliks, choice.option_priors(model, fmt, texts, args.batch_size)
-        methods[OPTIONS] = scored_options
+        methods[OPTIONS] = functools.partial(scored_options, choice, model, fmt, questions, args.batch_size)
+    if args.options_baseline:
+        old_choice = load_baseline(args.options_baseline, "choice")
+        methods[f"{OPTIONS}, baseline {args.options_baseline}"] = functools.partial(
+            scored_options, old_choice, model, fmt, questions, args.batch_size)
     times = interleaved({name: run(name, call) for name, call in methods.items()}, args.repeats)
 
     results = {}
     for name, seconds in times.items():
         results[name] = {"seconds": seconds, "seconds_per_question": statistics.median(seconds) / len(questions)}
-        if name == OPTIONS:
+        if name.startswith(OPTIONS):
+            if name != OPTIONS:
+                results[name]["max_score_difference"] = score_difference(outputs[name], outputs[OPTIONS])
             continue
         texts = ([item.text for item in outputs[name]] if name == FREE
                  else [render_target(d.answer) for d in outputs[name]])
@@ -253,7 +274,8 @@ def main() -> None:
         "args": {"model": args.model, "adapter": args.adapter, "merge": args.merge, "questions": args.questions,
                  "count": len(questions), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                  "draft_tokens": args.draft_tokens, "repeats": args.repeats, "dtype": dtype.value,
-                 "threads": torch.get_num_threads(), "baseline": str(args.baseline) if args.baseline else None},
+                 "threads": torch.get_num_threads(), "baseline": str(args.baseline) if args.baseline else None,
+                 "options_baseline": str(args.options_baseline) if args.options_baseline else None},
         "results": results}, args.results_dir)
     print(f"raw results: {path}")
 

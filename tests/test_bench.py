@@ -36,14 +36,17 @@ def test_loss_benchmark_compares_equal_losses_and_saves_the_memory(tiny_model_di
 def test_decode_benchmark_gives_identical_answers_in_fp32_and_saves_the_numbers(tiny_model_dir, tmp_path):
     out = run("decode.py", "--model", str(tiny_model_dir), "--count", "2", "--max-new-tokens", "3", "--dtype", "fp32",
               "--threads", "1", "--naive", "--baseline", str(ROOT / "poetry" / "decode.py"), "--draft-tokens", "0,2",
-              "--options", "--results-dir", str(tmp_path))
+              "--options-baseline", str(ROOT / "poetry" / "choice.py"), "--results-dir", str(tmp_path))
     assert "free: generate + parser" in out and out.count("identical answers: 2 of 2") == 3  # naive, baseline, drafts
     [saved] = tmp_path.glob("decode-*.json")
     results = json.loads(saved.read_text(encoding="utf-8"))["results"]
     assert results["constrained"]["quality"] == {"valid": 1.0, "non_empty": 1.0, "positional": 1.0, "letter": 1.0,
                                                  "clean": 1.0}
     assert {name: len(result["seconds"]) for name, result in results.items()} == dict.fromkeys(results, 1)
-    assert "option scoring (likelihood modes)" in results
+    options = results["option scoring (likelihood modes)"]
+    assert "seconds" in options and "quality" not in options
+    baseline = f"option scoring (likelihood modes), baseline {ROOT / 'poetry' / 'choice.py'}"
+    assert results[baseline]["max_score_difference"] < 1e-4  # the same module: the same scores
     plain, drafted = results["constrained"]["cost"], results["constrained, 2 draft tokens"]["cost"]
     assert plain["value_tokens"] == drafted["value_tokens"] > 0 and plain["mean_accepted"] is None
     assert plain["verifications"] == 0 < drafted["verifications"] and 0 <= drafted["mean_accepted"] <= 2
