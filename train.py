@@ -48,7 +48,13 @@ from poetry.builtin import resolve_model_path  # noqa: E402
 from poetry.config import Config, ConfigError, check_inputs, load_config  # noqa: E402
 from poetry.data import DataError  # noqa: E402
 from poetry.loss import TargetOnlyLoss  # noqa: E402
-from poetry.model import add_adapter, load_model, load_tokenizer, trainable_parameters  # noqa: E402
+from poetry.model import (  # noqa: E402
+    add_adapter,
+    load_model,
+    load_tokenizer,
+    skip_adapter_input_casts,
+    trainable_parameters,
+)
 from poetry.parallel import Parallel, collective_failed, lost_peer_message  # noqa: E402
 from poetry.precision import DTYPES  # noqa: E402
 from poetry.prompt import PromptFormat  # noqa: E402
@@ -190,6 +196,8 @@ def setup_model(cfg: Config, path: str, accelerator: Accelerator, log: runlog.Ru
     set_seed(cfg.train.seed)  # the same adapter init on every rank
     model = add_adapter(load_model(dataclasses.replace(cfg.model, path=path), accelerator.device), cfg.peft,
                         cfg.lora)
+    if cfg.train.precision != "fp32":  # every forward runs under autocast, which casts the adapters' inputs itself
+        skip_adapter_input_casts(model)
     trainable, total = trainable_parameters(model)
     log.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return model, process_gb

@@ -103,6 +103,21 @@ def add_adapter(model, peft: PeftConfig, lora: LoraConfig):
     return model
 
 
+def skip_adapter_input_casts(model) -> int:
+    """For a model whose every forward runs under autocast (train.precision bf16 or fp16): stops PEFT casting each
+    adapter layer's input up to the adapter's fp32, since autocast casts it straight back down for the matmul, two
+    activation copies a layer for nothing. An eval-mode forward is bitwise the same; in training, the adapter's
+    dropout then scales its input in the input's own dtype. Measured on Gemma-3-270M, LoRA on all linear layers,
+    bf16 on a Xeon with AMX: an evaluation of configs/demo.yaml 12.0 -> 10.4 s, a micro-step 8.9 -> 8.0 s. Returns
+    how many layers it changed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def add_lora(model, cfg: LoraConfig):
     """`add_adapter` with LoRA."""
     return add_adapter(model, PeftConfig(method="lora"), cfg)

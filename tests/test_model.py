@@ -9,7 +9,7 @@ from poetry.builtin.tiny import ARCHITECTURES
 from poetry.config import LoraConfig, ModelConfig, TrainConfig, load_config
 from poetry.loss import TargetOnlyLoss, full_logits_loss
 from poetry.memory import Shape, estimate
-from poetry.model import add_lora, load_model, trainable_parameters
+from poetry.model import add_lora, load_model, skip_adapter_input_casts, trainable_parameters
 from poetry.optim import build_optimizer, build_scheduler, lr_lambda, parameter_groups, repage_state
 from poetry.prompt import IGNORE_INDEX
 
@@ -52,6 +52,37 @@ def test_gemma_softcapping_is_applied(tiny_dirs):
     assert abs(with_cap.item() - full.item()) / full.item() < 1e-5
     loss.softcap = None
     assert abs(loss(**batch())[0].item() - with_cap.item()) > 1e-3  # ignoring the quirk would be caught
+
+
+class CopyCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the dtype conversions (aten._to_copy) dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.copies += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_skipping_the_adapters_input_casts_under_autocast_leaves_eval_logits_bitwise_equal(tiny_dirs, arch):
+    """A bf16 base and fp32 LoRA, as train.py runs them under bf16 autocast: PEFT's cast of each LoRA layer's input
+    up to fp32 is undone by autocast's cast down, so skipping it changes nothing but the copies."""
+    model = add_lora(load_model(ModelConfig(path=str(tiny_dirs[arch]), dtype="bf16")), LoraConfig(dropout=0.1))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    ids = batch()["input_ids"][:, :8]
+    outputs = []
+    for skip in (False, True):
+        if skip:
+            assert skip_adapter_input_casts(model) == len([m for m in model.modules() if hasattr(m, "lora_A")]) > 0
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), CopyCount() as count:
+            outputs.append((model.eval()(input_ids=ids).logits, count.copies))
+    (cast, cast_copies), (skipped, skipped_copies) = outputs
+    assert torch.equal(cast, skipped) and skipped_copies < cast_copies
 
 
 def grads(model, **data):

@@ -33,6 +33,13 @@ def config(tiny_model_dir, data, run_dir, *overrides):
         "eval.at_start=false", *overrides])
 
 
+def input_casts(model) -> set[bool]:
+    """Whether PEFT casts each adapter layer's input to the adapter's dtype."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {getattr(m, "cast_input_dtype_enabled", True) for m in model.modules() if isinstance(m, BaseTunerLayer)}
+
+
 def test_tiny_overfit_drives_loss_down(tiny_model_dir, few_poems, tmp_path):
     two = tmp_path / "two.json"
     two.write_text(json.dumps(json.loads(few_poems.read_text(encoding="utf-8"))[:2], ensure_ascii=False))
@@ -49,6 +56,7 @@ def test_run_directory_checkpoints_and_curves(tiny_model_dir, few_poems, tmp_pat
     cfg = config(tiny_model_dir, few_poems, tmp_path, "train.max_steps=6", "train.save_every=2", "train.keep_last=1",
                  "eval.every=2", "log.curves=true", "data.val_fraction=0.3", "eval.at_start=true")
     run_dir, model = train_script.train(cfg)
+    assert input_casts(model) == {True}  # fp32: no autocast, PEFT's cast stays
     printed = capsys.readouterr().out  # the effective config, overrides included, before training starts
     assert "train: seed=0" in printed and "keep_last=1" in printed and "eval: every=2" in printed
     assert printed.index("keep_last=1") < printed.index("trainable parameters") < printed.index("step 1/6 ")
@@ -390,6 +398,7 @@ def test_explicit_bf16_trains_fp32_adapters_and_warns_where_it_is_slow(tiny_mode
     assert "train.precision=bf16 (as configured)" in printed
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert any(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    assert input_casts(model) == {False}  # autocast casts the adapters' inputs itself
     losses = [m["train/loss"] for m in metrics(tmp_path) if "train/loss" in m]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
 
