@@ -69,13 +69,6 @@ class TargetOnlyLoss(nn.Module):
         logprobs = self.target_logits(rows).log_softmax(-1).gather(1, targets[learned].unsqueeze(1)).squeeze(1)
         return logprobs, learned.nonzero()[:, 0]
 
-    def row_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     labels: torch.Tensor) -> torch.Tensor:
-        """Each row's summed log-probability of its targets, (B,): how likely a continuation is, as the loss sees
-        it."""
-        logprobs, row = self.token_logprobs(self.hidden_states(input_ids, attention_mask), labels)
-        return logprobs.new_zeros(input_ids.shape[0]).index_add(0, row, logprobs)
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 choice_labels: torch.Tensor | None = None, choice_right: torch.Tensor | None = None,
                 choice_chars: torch.Tensor | None = None):
