@@ -15,8 +15,8 @@ from poetry.prompt import IGNORE_INDEX
 
 
 def lora_model(path, dropout=0.0, **model_kwargs):
+    torch.manual_seed(1)  # LoRA's A starts random too: the same init in every model, whatever test ran before
     model = add_lora(load_model(ModelConfig(path=str(path), dtype="fp32", **model_kwargs)), LoraConfig(dropout=dropout))
-    torch.manual_seed(1)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # B starts at zero; random B makes the adapter matter
             param.data.normal_(0, 0.05)
