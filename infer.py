@@ -113,9 +113,9 @@ def _merge_argument(parser: argparse.ArgumentParser) -> None:
 
 def _answer_arguments(parser: argparse.ArgumentParser) -> None:
     """How questions are answered: predict's and serve's."""
-    parser.add_argument("--choose", choices=typing.get_args(ChoiceMethod), default="likelihood_norm",
+    parser.add_argument("--choose", choices=typing.get_args(ChoiceMethod), default="likelihood_pmi",
                         help="how constrained decoding picks choose_id, see poetry.choice (default: %(default)s)")
-    parser.add_argument("--choose-prior-weight", type=_prior_weight, default=1.0,
+    parser.add_argument("--choose-prior-weight", type=_prior_weight, default=0.5,
                         help="likelihood_pmi's λ, as eval.choose_prior_weight: the share of each option's "
                              "likelihood after the cue alone taken away (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=_positive, default=64,

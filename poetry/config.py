@@ -163,10 +163,11 @@ class EvalConfig:
     # prompt-lookup drafts verified per value token (poetry.decode, speculative): the same greedy answers in fewer
     # forwards; 0 = off
     draft_tokens: int = 0
-    # how choose_id is picked (poetry.choice): the option text's likelihood per character measured best (README)
-    choose: ChoiceMethod = "likelihood_norm"
+    # how choose_id is picked (poetry.choice): PMI at λ 0.5 measured best by cross-validation, zero-shot and
+    # fine-tuned (README, Choosing the emotion)
+    choose: ChoiceMethod = "likelihood_pmi"
     # likelihood_pmi's λ: how much of each option's likelihood after the cue alone (its prior) is taken away
-    choose_prior_weight: float = 1.0
+    choose_prior_weight: float = 0.5
     bertscore_model: str = ""  # local BERT directory; empty = BERTScore off in the loop
     bertscore_layer: int = 8
     best_metric: str = "val/loss"  # which logged metric picks the best checkpoint
