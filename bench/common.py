@@ -36,11 +36,12 @@ REPORTED_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-def lora_model(path: str, for_training: bool = True):
-    """(tokenizer, fp32 PEFT model with the default LoRA on all linear layers) from a local dir or builtin:NAME."""
+def lora_model(path: str, for_training: bool = True, dtype: str = "fp32"):
+    """(tokenizer, PEFT model with the default LoRA on all linear layers, its base weights in `dtype`) from a local
+    dir or builtin:NAME."""
     quiet_libraries()
     path = resolve_model_path(path)
-    return load_tokenizer(path), add_lora(load_model(ModelConfig(path=path, dtype="fp32"),
+    return load_tokenizer(path), add_lora(load_model(ModelConfig(path=path, dtype=dtype),
                                                      for_training=for_training), LoraConfig())
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS_DIR, console, interleaved, lora_model, side_by_side, training_batch, write_results  # noqa: E402
 from poetry.feed import target_tokens  # noqa: E402
 from poetry.loss import TargetOnlyLoss  # noqa: E402
+from poetry.model import skip_adapter_input_casts  # noqa: E402
 from poetry.precision import choose  # noqa: E402
 
 DEFAULT_MODELS = ("builtin:tiny-qwen3", "builtin:gemma-3-270m")
@@ -39,13 +40,20 @@ DTYPES = ("fp32", "bf16")
 
 
 def measure(model_path: str, args: argparse.Namespace) -> dict:
-    """Seconds per micro-step and the loss, in each of DTYPES, for one model; prints their side-by-side table."""
-    tokenizer, model = lora_model(model_path)
+    """Seconds per micro-step and the loss, in each of DTYPES, for one model; prints their side-by-side table. Each
+    precision runs as train.py runs it: the frozen base in that dtype (`model.dtype: auto` follows the precision),
+    and under bf16 autocast without PEFT's cast of the adapters' inputs; the same LoRA init in both."""
+    models = {}
+    for dtype in DTYPES:
+        torch.manual_seed(0)
+        tokenizer, models[dtype] = lora_model(model_path, dtype=dtype)
+    skip_adapter_input_casts(models["bf16"])
     batch = training_batch(tokenizer, args.data, args.batch_size, args.length_quantile)
-    target_only = TargetOnlyLoss(model)
     losses = {}
 
     def step(dtype: str):
+        model, target_only = models[dtype], TargetOnlyLoss(models[dtype])
+
         def run():
             model.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -62,7 +70,7 @@ def measure(model_path: str, args: argparse.Namespace) -> dict:
     side_by_side(f"one LoRA micro-step, {model_path}: {sequences} x {length} tokens ({tokens} unpadded), "
                  f"{target_tokens(batch)} targets, {torch.get_num_threads()} threads", times,
                  note=f"loss: fp32 {losses['fp32']:.6f}, bf16 {losses['bf16']:.6f} "
-                      f"(relative difference {relative_difference:.1e}); bf16 = fp32 weights under bf16 autocast")
+                      f"(relative difference {relative_difference:.1e}); bf16 = bf16 weights under bf16 autocast")
     return {"model": model_path, "sequences": sequences, "padded_length": length, "tokens": tokens,
             "targets": target_tokens(batch), "seconds": times, "loss": losses,
             "median_seconds": {dtype: statistics.median(times[dtype]) for dtype in DTYPES}}
