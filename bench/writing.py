@@ -69,7 +69,9 @@ def main() -> None:
     quiet_libraries()
     dtype = autocast_dtype(args.dtype)
     path = resolve_model_path(args.model)
-    model = load_model(ModelConfig(path=path, dtype="fp32"), for_training=False)
+    # the weights in the autocast dtype, as infer.py loads them: fp32 weights frozen under a bf16 autocast would be
+    # cast again at every forward (bench/decode.py)
+    model = load_model(ModelConfig(path=path, dtype=dtype.value), for_training=False)
     if args.adapter:
         from peft import PeftModel
 
