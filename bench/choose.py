@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS_DIR, autocast_dtype, console, wilson, write_results  # noqa: E402
+from bench.common import RESULTS_DIR, autocast_dtype, console, inference_model, wilson, write_results  # noqa: E402
 from poetry.config import OFFICIAL_DATA_HELP, ChoiceMethod  # noqa: E402
 from poetry.data.emotions import valence  # noqa: E402
 from poetry.quiet import quiet_libraries  # noqa: E402
@@ -238,14 +238,7 @@ class Scorer:
 
     def picks(self, question_sets: list[list], adapter: str | Path | None = None) -> list[dict[str, list[str]]]:
         """Each row label's letters for each set of questions (an empty set: no model run), one model load for all."""
-        from poetry.config import ModelConfig
-        from poetry.model import load_model
-
-        model = load_model(ModelConfig(path=self.path, dtype=self.dtype), for_training=False)
-        if adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(adapter))
+        model = inference_model(self.path, self.dtype, adapter)
         return [pick_letters(model, self.fmt, questions, self.labels, self.args.batch_size, self.args.max_new_tokens)
                 if questions else {label: [] for label in self.labels} for questions in question_sets]
 

@@ -44,15 +44,15 @@ from bench.common import (  # noqa: E402
     add_dtype_option,
     autocast_dtype,
     console,
+    inference_model,
     interleaved,
     side_by_side,
     write_results,
 )
 from poetry import choice, decode  # noqa: E402
 from poetry.builtin import resolve_model_path  # noqa: E402
-from poetry.config import ModelConfig  # noqa: E402
 from poetry.data import load_questions  # noqa: E402
-from poetry.model import load_model, load_tokenizer  # noqa: E402
+from poetry.model import load_tokenizer  # noqa: E402
 from poetry.prompt import PromptFormat, render_target  # noqa: E402
 from poetry.quiet import quiet_libraries  # noqa: E402
 
@@ -156,20 +156,10 @@ class Counters:
 
 
 def load(args: argparse.Namespace, dtype: str):
-    """(tokenizer, model): the base alone, or with --adapter (merged with --merge). The weights are in the
-    autocast dtype, as train.py and infer.py load them (`model.dtype: auto`): autocast caches its casts of trainable
-    weights only, so fp32 weights under a bf16 autocast would be cast again at every forward once an adapter has
-    frozen them (measured on Intel with avx512_bf16: fine-tuned decoding 2.5x slower than with bf16 weights)."""
+    """(tokenizer, model): the base alone, or with --adapter (merged with --merge), its weights in `dtype`."""
     quiet_libraries()
     path = resolve_model_path(args.model)
-    model = load_model(ModelConfig(path=path, dtype=dtype), for_training=False)
-    if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter)
-        if args.merge:
-            model = model.merge_and_unload()
-    return load_tokenizer(path), model.eval()
+    return load_tokenizer(path), inference_model(path, dtype, args.adapter, args.merge)
 
 
 def draft_counts(text: str) -> list[int]:

@@ -22,11 +22,11 @@ import torch
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import add_dtype_option, autocast_dtype, console, wilson, write_results  # noqa: E402
+from bench.common import add_dtype_option, autocast_dtype, console, inference_model, wilson, write_results  # noqa: E402
 from poetry.builtin import resolve_model_path  # noqa: E402
-from poetry.config import ModelConfig, load_config  # noqa: E402
+from poetry.config import load_config  # noqa: E402
 from poetry.data.mix import load_training_poems  # noqa: E402
-from poetry.model import load_model, load_tokenizer  # noqa: E402
+from poetry.model import load_tokenizer  # noqa: E402
 from poetry.prompt import PromptFormat  # noqa: E402
 from poetry.prosody import poem_form, writing_title  # noqa: E402
 from poetry.prosody.score import score_writing  # noqa: E402
@@ -69,14 +69,7 @@ def main() -> None:
     quiet_libraries()
     dtype = autocast_dtype(args.dtype)
     path = resolve_model_path(args.model)
-    # the weights in the autocast dtype, as infer.py loads them: fp32 weights frozen under a bf16 autocast would be
-    # cast again at every forward (bench/decode.py)
-    model = load_model(ModelConfig(path=path, dtype=dtype.value), for_training=False)
-    if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter)
-    model.eval()
+    model = inference_model(path, dtype.value, args.adapter)
     fmt = PromptFormat(load_tokenizer(path))
     requests, corpus, held_out = titles(args)
     label = args.label or ("fine-tuned" if args.adapter else "zero-shot")
