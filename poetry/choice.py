@@ -53,8 +53,9 @@ class _Continuation:
         return []
 
     def drafts(self, sequence: list[int], max_tokens: int) -> list[int]:
-        """The tokens after the due one whose scores are still wanted (the last token's scores never are)."""
-        return self.tokens[self.scored:len(self.tokens) - 1]
+        """Up to `max_tokens` of the tokens after the due one whose scores are still wanted (the last token's scores
+        never are)."""
+        return self.tokens[self.scored:len(self.tokens) - 1][:max_tokens]
 
     def advance(self, logits: torch.Tensor) -> list[int]:
         self.logprob += float(logits.float().log_softmax(-1)[self.tokens[self.scored]])

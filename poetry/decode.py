@@ -379,7 +379,7 @@ class _Row:
         """Up to `max_tokens` tokens to verify after the one due, as its state proposes them; none after a run."""
         if len(self.feed) != 1 or max_tokens < 1:
             return []
-        return self.state.drafts(self.ids[self.virtual:] + self.feed, max_tokens)[:max_tokens]
+        return self.state.drafts(self.ids[self.virtual:] + self.feed, max_tokens)
 
 
 def _decode_batch(lm: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
