@@ -124,6 +124,23 @@ def test_forced_ids_equal_the_target_ids_with_gemma3s_tokenizer(sample_questions
         assert state.ids == fmt.target_ids(answer) and state.decoded().answer == answer
 
 
+@pytest.mark.parametrize("name", ["qwen3", "gemma-3"])
+def test_the_vocabularys_texts_are_what_decode_gives_each_id(name, tokenizer):
+    """The fast tokenizer's own batch decoding gives each id the text `decode` gives it, on the whole vocabulary
+    (byte pieces of a character, special and added tokens included)."""
+    if name == "gemma-3":
+        from poetry.builtin.gemma270m import MODEL_SUBDIR, default_cache_dir, is_complete
+        from poetry.model import load_tokenizer
+
+        model_dir = default_cache_dir() / MODEL_SUBDIR
+        if not is_complete(model_dir):
+            pytest.skip(f"Gemma-3-270M not built at {model_dir} (python -m poetry.builtin.gemma270m)")
+        tokenizer = load_tokenizer(str(model_dir))
+    known = len(tokenizer)
+    assert decode._id_texts(tokenizer, known) == tokenizer.batch_decode(
+        [[i] for i in range(known)], clean_up_tokenization_spaces=False)
+
+
 @pytest.mark.parametrize("value", ["(括号)", "<标签>", '"开头引号'])
 def test_ascii_punctuation_opening_a_value_is_the_one_exception(fmt, value):
     """Qwen3's BPE merges ASCII punctuation at a value's start with the opening quote (` "(`, ` "<`, ` "\\"`; 197
@@ -268,6 +285,40 @@ def test_a_forced_run_costs_no_forward_of_its_own(model, fmt, sample_questions, 
         hook.remove()
     forced = len(fmt.text_ids("".join(Skeleton.of(sample_questions[0]).pieces)))
     assert len(forwards) == len(choices) < forced
+
+
+class _Scripted:
+    """An engine state that is due a forced run of three tokens after every `period`-th choice and one token after
+    the others, until it has made `choices` choices."""
+
+    def __init__(self, period: int, choices: int):
+        self.period, self.choices, self.made = period, choices, 0
+        self.prompt_key = object()  # a poem of its own
+
+    def start(self) -> list[int]:
+        return []
+
+    def drafts(self, sequence: list[int], max_tokens: int) -> list[int]:
+        return []
+
+    def advance(self, logits: torch.Tensor) -> list[int]:
+        self.made += 1
+        if self.made == self.choices:
+            return []
+        return [7, 8, 9] if self.made % self.period == 0 else [7]
+
+
+def test_rows_due_a_short_run_share_the_forward_of_rows_due_a_token(model, fmt):
+    """Rows whose runs fall at different choices still make one choice each per forward: as many forwards as the
+    row with the most choices makes, where rounds of a forward for the runs and one for the tokens took more."""
+    forwards = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda module, args: forwards.append(1))
+    states = [_Scripted(2, 12), _Scripted(3, 12), _Scripted(5, 9)]
+    try:
+        decode.drive(model, fmt, states, [[11, 12, 13, 14, 15, 16]] * 3, batch_size=3)
+    finally:
+        hook.remove()
+    assert [state.made for state in states] == [12, 12, 9] and len(forwards) == 12
 
 
 def test_questions_on_one_poem_share_a_batch():
