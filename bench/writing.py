@@ -5,7 +5,7 @@ character a token took from the model. The JSON (with every poem and its check) 
 
     python bench/writing.py [--model builtin:gemma-3-270m] [--adapter DIR] [--config configs/demo.yaml]
         [--poems PATH] [--count 20] [--settings free,off,loose] [--batch-size 8] [--dtype auto|fp32|bf16]
-        [--label zero-shot]
+        [--label zero-shot] [--results-dir bench/results]
 
 The titles and forms are those of the held-out poems of --config's split of --poems (its data.train by default),
 so a run's adapter is measured on poems it never saw; copying is measured against the training side of the split.
@@ -22,7 +22,15 @@ import torch
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import add_dtype_option, autocast_dtype, console, inference_model, wilson, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS_DIR,
+    add_dtype_option,
+    autocast_dtype,
+    console,
+    inference_model,
+    wilson,
+    write_results,
+)
 from poetry.builtin import resolve_model_path  # noqa: E402
 from poetry.config import load_config  # noqa: E402
 from poetry.data.mix import load_training_poems  # noqa: E402
@@ -64,6 +72,7 @@ def main() -> None:
     parser.add_argument("--settings", default="free,off,loose", help=f"some of {', '.join(SETTINGS)}")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--label", help="what the model is, for the table (default: zero-shot or the adapter)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     add_dtype_option(parser)
     args = parser.parse_args()
     quiet_libraries()
@@ -101,7 +110,7 @@ def main() -> None:
     console.print(table)
     out = write_results(f"writing-{label}", {"label": label, "model": args.model, "adapter": args.adapter,
                                               "dtype": dtype.value, "held_out": held_out, "count": len(requests),
-                                              "results": results})
+                                              "results": results}, args.results_dir)
     console.print(f"results: {out}")
 
 

@@ -298,3 +298,23 @@ def test_methods_benchmark_trains_each_method_and_tabulates_them(tiny_model_dir,
     assert rows["full"]["trainable"] == rows["full"]["total"] > rows["lora"]["trainable"] > 0
     assert "model.gradient_checkpointing=false" in rows["prefix_tuning"]["overrides"]
     assert all(r["val_loss"] > 0 and r["train_s"] > 0 for r in rows.values())
+
+
+@pytest.mark.slow  # a whole benchmark run: over the CI budget (make test-slow)
+def test_writing_benchmark_checks_every_poem_of_each_setting_and_saves_them(tiny_model_dir, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "writing.py"), "--model", str(tiny_model_dir),
+                             "--count", "3", "--settings", "free,loose", "--dtype", "fp32", "--label", "tiny",
+                             "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "free decoding" in result.stdout and "constrained, tones loose" in result.stdout
+    [saved] = tmp_path.glob("writing-tiny-*.json")
+    report = json.loads(saved.read_text(encoding="utf-8"))
+    assert report["count"] == 3 and 0 <= report["held_out"] <= 3 and report["results"].keys() == {"free", "loose"}
+    for setting in report["results"].values():
+        assert len(setting["poems"]) == 3 and all("violations" in poem and poem["text"] for poem in setting["poems"])
+        low, high = setting["form_interval_95"]
+        assert low <= setting["scores"]["form"] <= high
+    loose = report["results"]["loose"]
+    assert loose["scores"]["form"] == loose["scores"]["rhyme"] == loose["scores"]["regular"] == 1.0  # by construction
+    assert all(poem["ok"] for poem in loose["poems"]) and loose["several"] is not None
+    assert report["results"]["free"]["several"] is None  # free decoding draws from the whole vocabulary

@@ -2,7 +2,10 @@
 
 - form: the share of poems with the form's number of lines, each of its length (SongNet's Format, CharPoet's format
   accuracy);
-- rhyme: the share whose rhymes are right (平水韵 for regulated verse, 词林正韵 部 for 词);
+- rhyme: the share whose rhymes are right (平水韵 for regulated verse, 词林正韵 部 for 词): the form's number of
+  lines, and the last character of each line its pattern rhymes in one group. Line lengths are not asked, so a
+  poem with a line too long or short may rhyme right and still fail the form (free decoding's rhyme can exceed
+  its form rate);
 - tone: tone positions right over those checked, on the poems of the right form;
 - regular: the share keeping every rule;
 - Distinct-1/2 (Li et al., NAACL 2016): distinct character unigrams and bigrams inside lines over all of them;
