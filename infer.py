@@ -328,8 +328,8 @@ class _Progress:
 
     QUIET_S = 30.0
 
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.done = total, label, 0
+    def __init__(self, total: int, label: str, unit: str = "questions"):
+        self.total, self.label, self.unit, self.done = total, label, unit, 0
         self.plain = not sys.stdout.isatty()
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), disable=self.plain)
@@ -339,7 +339,7 @@ class _Progress:
         self.bar.start()
         self.task = self.bar.add_task(self.label, total=self.total)
         if self.plain:
-            print(f"{self.label}: {self.total} questions", flush=True)
+            print(f"{self.label}: {self.total} {self.unit}", flush=True)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -353,7 +353,7 @@ class _Progress:
         self.done += finished
         self.bar.advance(self.task, finished)
         if self.plain and time.monotonic() - self.last_line >= self.QUIET_S:
-            print(f"{self.label}: {self.done}/{self.total} questions ({self.rate:.2f}/s)", flush=True)
+            print(f"{self.label}: {self.done}/{self.total} {self.unit} ({self.rate:.2f}/s)", flush=True)
             self.last_line = time.monotonic()
 
 
@@ -465,7 +465,7 @@ def _write(args: argparse.Namespace) -> int:
         return _error(str(err))
     model, tokenizer = _load(args)
     fmt = PromptFormat(tokenizer, system_prompt=args.system_prompt)
-    with _Progress(len(requests) * args.n, "writing") as progress:
+    with _Progress(len(requests) * args.n, "writing", "poems (candidates counted)") as progress:
         results = write_poems(model, fmt, requests, args.n, args.tones, args.rhyme, sampling, args.batch_size,
                               progress.advance, constrained=args.decode == "constrained")
     for (form, title), candidates in zip(requests, results, strict=True):

@@ -125,6 +125,7 @@ def test_infer_write_prints_each_poem_with_its_check_and_writes_a_file(infer, ti
     output = tmp_path / "poems.json"
     assert infer.main([*base, "--input", str(requests), "--output", str(output), "--n", "2",
                        "--temperature", "0.9", "--seed", "1"]) == 0
+    assert "writing: 4 poems (candidates counted)" in capsys.readouterr().out  # not "4 questions"
     rows = json.loads(output.read_text(encoding="utf-8"))
     assert [(r["form"], r["title"], len(r["poems"])) for r in rows] == [("如梦令", "", 2), ("五言律诗", "山居", 2)]
     assert all(p["lines_ok"] and p["rhyme_ok"] for r in rows for p in r["poems"])
