@@ -142,9 +142,9 @@ def test_the_choice_loss_teaches_the_cue_where_the_lm_loss_learns_the_prior(tiny
 
 
 def test_the_choice_loss_needs_emotion_examples():
-    assert load_config(None, ["train.choice_loss_weight=1"]).train.choice_loss_weight == 1
+    assert load_config(None, ["data.emotion_examples=true", "train.choice_loss_weight=1"]).train.choice_loss_weight == 1
     with pytest.raises(ConfigError, match="train.choice_loss_weight: the choice loss trains on emotion examples"):
-        load_config(None, ["train.choice_loss_weight=1", "data.emotion_examples=false"])
+        load_config(None, ["train.choice_loss_weight=1"])  # emotion examples are off by default
     with pytest.raises(ConfigError, match="train.choice_loss_weight: must be 0 .off. or positive"):
         load_config(None, ["train.choice_loss_weight=-1"])
 

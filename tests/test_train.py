@@ -89,7 +89,8 @@ def test_run_directory_checkpoints_and_curves(tiny_model_dir, few_poems, tmp_pat
                                             for k, v in saved.items())
 
 
-@pytest.mark.parametrize("extra", [(), ("train.choice_loss_weight=1",)], ids=["lm", "with choice loss"])
+@pytest.mark.parametrize("extra", [(), ("data.emotion_examples=true", "train.choice_loss_weight=1")],
+                         ids=["lm", "with choice loss"])
 def test_resume_is_bitwise_exact(tiny_model_dir, few_poems, tmp_path, extra):
     """10 steps straight vs 5 steps, a fresh process state, then 5 more: identical adapters (dropout on, epochs
     crossed mid-way, so RNG, sampler and optimizer states all matter)."""
