@@ -24,7 +24,8 @@ STEPS = 4
 COMMON = ["train.cpu=true", "train.precision=fp32", "lora.dropout=0", "train.lr=2e-4", f"train.max_steps={STEPS}",
           "train.grad_accum=2", "train.save_every=2", "train.keep_last=10", "data.val_fraction=0.25", "eval.every=2",
           "eval.at_start=true", "eval.max_questions=0", "eval.max_new_tokens=4", "eval.batch_size=2",
-          "log.curves=true", "data.max_items=2"]  # 25 questions an epoch: one batch of 4 has a single row
+          "log.curves=true", "data.max_items=2",
+          "data.emotion_examples=true"]  # 25 questions and emotion examples an epoch: one batch of 4 has a single row
 
 # Runs train.train on every rank of a torchrun, and writes what rank R saw to <out>/rankR.json: the validation
 # questions it was given (positions in the validation list) and scored, the loss rows it summed, the empty parts of
