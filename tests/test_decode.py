@@ -108,15 +108,21 @@ def test_forced_ids_equal_the_target_ids_on_sample_gold(fmt, sample_questions):
         assert state.ids == fmt.target_ids(answer) and state.decoded().answer == answer
 
 
-def test_forced_ids_equal_the_target_ids_with_gemma3s_tokenizer(sample_questions):
-    """Gemma-3 (SentencePiece, no chat template: the plain format) where its converted directory is cached."""
+@pytest.fixture(scope="module")
+def gemma_tokenizer():
+    """Gemma-3-270M's tokenizer (SentencePiece, no chat template) where its converted directory is cached."""
     from poetry.builtin.gemma270m import MODEL_SUBDIR, default_cache_dir, is_complete
     from poetry.model import load_tokenizer
 
     model_dir = default_cache_dir() / MODEL_SUBDIR
     if not is_complete(model_dir):
         pytest.skip(f"Gemma-3-270M not built at {model_dir} (python -m poetry.builtin.gemma270m)")
-    fmt = PromptFormat(load_tokenizer(str(model_dir)))
+    return load_tokenizer(str(model_dir))
+
+
+def test_forced_ids_equal_the_target_ids_with_gemma3s_tokenizer(sample_questions, gemma_tokenizer):
+    """Gemma-3 (SentencePiece, no chat template: the plain format) where its converted directory is cached."""
+    fmt = PromptFormat(gemma_tokenizer)
     gold = load_answers(SAMPLE / "eval_gold.json")
     pairs = [*zip(sample_questions[:2], gold[:2], strict=True), (QUESTION, answer_with(QUESTION, "wow!"))]
     for question, answer in pairs:
@@ -124,18 +130,11 @@ def test_forced_ids_equal_the_target_ids_with_gemma3s_tokenizer(sample_questions
         assert state.ids == fmt.target_ids(answer) and state.decoded().answer == answer
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma-3"])
-def test_the_vocabularys_texts_are_what_decode_gives_each_id(name, tokenizer):
+@pytest.mark.parametrize("name", ["tokenizer", "gemma_tokenizer"])
+def test_the_vocabularys_texts_are_what_decode_gives_each_id(name, request):
     """The fast tokenizer's own batch decoding gives each id the text `decode` gives it, on the whole vocabulary
-    (byte pieces of a character, special and added tokens included)."""
-    if name == "gemma-3":
-        from poetry.builtin.gemma270m import MODEL_SUBDIR, default_cache_dir, is_complete
-        from poetry.model import load_tokenizer
-
-        model_dir = default_cache_dir() / MODEL_SUBDIR
-        if not is_complete(model_dir):
-            pytest.skip(f"Gemma-3-270M not built at {model_dir} (python -m poetry.builtin.gemma270m)")
-        tokenizer = load_tokenizer(str(model_dir))
+    (byte pieces of a character, special and added tokens included): Qwen3's and Gemma-3's."""
+    tokenizer = request.getfixturevalue(name)
     known = len(tokenizer)
     assert decode._id_texts(tokenizer, known) == tokenizer.batch_decode(
         [[i] for i in range(known)], clean_up_tokenization_spaces=False)
