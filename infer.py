@@ -67,7 +67,7 @@ import sys
 import time
 import typing
 
-from poetry.config import ChoiceMethod
+from poetry.config import ChoiceMethod, EvalConfig
 
 SUBCOMMANDS = ("predict", "merge", "chat", "perplexity", "serve", "write")
 HELP_FLAGS = ("-h", "--help")
@@ -113,14 +113,15 @@ def _merge_argument(parser: argparse.ArgumentParser) -> None:
 
 def _answer_arguments(parser: argparse.ArgumentParser) -> None:
     """How questions are answered: predict's and serve's."""
-    parser.add_argument("--choose", choices=typing.get_args(ChoiceMethod), default="likelihood_pmi",
+    # the loop's evaluation defaults: infer.py answers as the curves measured
+    parser.add_argument("--choose", choices=typing.get_args(ChoiceMethod), default=EvalConfig.choose,
                         help="how constrained decoding picks choose_id, see poetry.choice (default: %(default)s)")
-    parser.add_argument("--choose-prior-weight", type=_prior_weight, default=0.5,
+    parser.add_argument("--choose-prior-weight", type=_prior_weight, default=EvalConfig.choose_prior_weight,
                         help="likelihood_pmi's λ, as eval.choose_prior_weight: the share of each option's "
                              "likelihood after the cue alone taken away (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=_positive, default=64,
                         help="token budget of each value (default: %(default)s)")
-    parser.add_argument("--draft-tokens", type=_non_negative, default=0,
+    parser.add_argument("--draft-tokens", type=_non_negative, default=EvalConfig.draft_tokens,
                         help="prompt-lookup drafts verified per value token, as eval.draft_tokens: the same greedy "
                              "answers in fewer forwards; 0 = off (default: %(default)s)")
     parser.add_argument("--system-prompt", default="",
