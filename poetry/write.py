@@ -9,11 +9,12 @@ is measured as it writes (`Written.several_mass`, `several_top`).
 
 Rhyme positions take characters of one rhyme class: a 平水韵 level group for regulated verse, a 词林正韵 部 (of the
 chain's tone) for a 词, as poetry.prosody.check judges them. `rhyme` fixes the group; else the first rhyme position
-fixes it, by the character chosen there among all characters of the right tone. With `tones` (`strict` or
-`loose`, the 1-3-5 allowance), every position takes only characters of the tone the form asks there; regulated
-verse keeps the patterns (平起/仄起, first line rhymed or not) that fit what is written so far, so the pattern is
-the model's choice. A character the table lacks is allowed only where the tone is free. The 1-3-5 allowance never
-frees the two positions that would make 孤平 or 三平尾 (`Pattern.writing_tone`).
+fixes it, by the character chosen there among all characters of the right tone. Regulated verse never rhymes
+twice on one character (重韵): a rhyme position does not take a character an earlier rhyme ended on. With `tones`
+(`strict` or `loose`, the 1-3-5 allowance), every position takes only characters of the tone the form asks there;
+regulated verse keeps the patterns (平起/仄起, first line rhymed or not) that fit what is written so far, so the
+pattern is the model's choice. A character the table lacks is allowed only where the tone is free. The 1-3-5
+allowance never frees the two positions that would make 孤平 or 三平尾 (`Pattern.writing_tone`).
 
 Greedy, or sampling with a temperature and top-p, each candidate from its own seeded generator (so a candidate
 does not depend on the others in its batch). Candidates are ranked by the model's mean log-probability of their
@@ -85,6 +86,9 @@ class CharVocab:
     def __init__(self, texts: list[str], size: int, device, table: RhymeTable):
         self.size, self.device, self.table = size, device, table  # rows past the tokenizer's texts: never chosen
         self.chars = {i: text for i, text in enumerate(texts) if len(text) == 1 and _is_cjk(text)}
+        self.ids_of: dict[str, list[int]] = {}
+        for i, char in self.chars.items():
+            self.ids_of.setdefault(char, []).append(i)
         self.single = self._mask(self.chars)
         self.several = self._mask([i for i, text in enumerate(texts) if sum(map(_is_cjk, text)) > 1])
         bits = torch.zeros(self.size, dtype=torch.uint8)
@@ -166,6 +170,7 @@ class PoemState(_Writing):
         self.classes = {chain: frozenset(group_classes(rhyme, form.regulated)) if rhyme and rhyme.tone == tone
                         else frozenset() for chain, tone in form.chain_tones.items()}  # 清平乐: one chain of two
         self.lines: list[str] = [""]
+        self.rhymed: list[int] = []  # the ids of the characters rhymes ended on, which regulated verse never repeats
         self.ids: list[int] = []
         self.logprobs: list[float] = []
         self.several_mass: list[float] = []
@@ -215,8 +220,10 @@ class PoemState(_Writing):
             p.writing_tone(line, position, self.tones == "loose") for p in self.patterns)
         chains = {p.lines[line].rhyme for p in self.patterns} if last else {None}
         if None not in chains:  # every pattern left rhymes here
-            chain = chains.pop()
-            return self.chars.allowed_ids(tones, self._rhyme_key(chain))
+            allowed = self.chars.allowed_ids(tones, self._rhyme_key(chains.pop()))
+            if self.form.regulated and self.rhymed:
+                allowed = allowed[~torch.isin(allowed, torch.tensor(self.rhymed, device=allowed.device))]
+            return allowed
         if len(chains) > 1 and tones is not None:  # a regulated first line, rhymed or not: level rhymes or oblique
             return self.chars.allowed_ids(tones, self._rhyme_key(next(c for c in chains if c)), or_oblique=True)
         return self.chars.allowed_ids(tones)
@@ -239,6 +246,7 @@ class PoemState(_Writing):
         chains = {p.lines[line].rhyme for p in self.patterns} if last else {None}
         if None not in chains:
             chain = chains.pop()
+            self.rhymed += self.chars.ids_of[char]
             found = self._found(char, chain)
             self.classes[chain] = (self.classes[chain] & found) if self.classes[chain] else found
 

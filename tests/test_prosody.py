@@ -135,6 +135,15 @@ def test_a_character_read_both_ways_satisfies_either_tone_and_unknown_characters
     assert unknown.unknown == ("这",) and unknown.ok and unknown.tones_checked == 11
 
 
+def test_regulated_verse_rhyming_twice_on_one_character_is_a_fault_a_ci_may():
+    twice = check_poem(DENGGUANQUE.replace("一层楼", "一层流"), form_named("五言绝句"))
+    assert twice.rhyme_ok and not twice.ok  # 流 still rhymes: the fault is its second use
+    assert twice.summary().startswith("1 violation; lines right; rhyme 十一尤 right")
+    assert [str(v) for v in twice.violations] == [
+        "line 4 char 5 流: 重韵, expected a rhyme character not used before (line 2 rhymes on it)"]
+    assert check_poem(CI["如梦令"], form_named("如梦令")).ok  # 知否，知否 rhymes twice on 否
+
+
 def test_line_count_length_and_repeated_line_faults():
     short = check_poem(DENGGUANQUE[:12], form_named("五言绝句"))
     assert not short.lines_ok and [str(v) for v in short.violations] == ["the poem: lines, expected 4 lines, got 2"]

@@ -62,6 +62,23 @@ def test_a_named_rhyme_group_holds_every_rhyme(model, fmt):
     assert ci.check.rhymes == ("第12部",)  # 有 and 宥 rhyme together in a 词
 
 
+def test_regulated_verse_never_rhymes_twice_on_the_character_the_model_prefers(model, fmt, tokenizer):
+    preferred = "愁秋楼舟流"  # 十一尤, each a single token; the model wants 愁 most, then 秋, and so on
+    bias = torch.zeros(model.get_output_embeddings().out_features)
+    for rank, char in enumerate(preferred):
+        [token] = tokenizer.encode(char, add_special_tokens=False)
+        bias[token] = 100.0 - 10 * rank
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bias)
+    try:
+        (written,), = write_poems(model, fmt, [(form_named("七言律诗"), "")], rhyme="十一尤")
+    finally:
+        hook.remove()
+    lines = [line for line in written.text.replace("。", "，").split("，") if line]
+    rhymes = [line[-1] for index, line in enumerate(lines) if index % 2 or line[-1] in preferred]  # line 1 may
+    assert rhymes == list(preferred[:len(rhymes)]) and len(rhymes) >= 4  # each the preferred one not yet used
+    assert written.check.ok, [str(v) for v in written.check.violations]
+
+
 def test_only_single_character_tokens_are_written(fmt, model):
     texts = token_texts(model, fmt)
     chars = char_vocab(tuple(texts), model.get_output_embeddings().out_features, "cpu")

@@ -1,4 +1,5 @@
-"""Rule-based checks of a poem against its form: line lengths, rhyme, tones, and regulated verse's 孤平 and 三平尾.
+"""Rule-based checks of a poem against its form: line lengths, rhyme, tones, and regulated verse's 孤平, 三平尾 and
+重韵 (a rhyme character used twice).
 
 A character read in several ways (看, 思, 教 are both level and oblique) satisfies any tone one of its readings
 has, and rhymes in any group one of its readings is in: a checker must not fault what a poet may rightly read.
@@ -18,7 +19,7 @@ class Violation:
     line: int       # 1-based
     position: int   # 1-based inside the line; 0 when the whole line is at fault
     char: str
-    kind: str       # lines, length, rhyme, tone, 孤平, 三平尾, repeat
+    kind: str       # lines, length, rhyme, tone, 孤平, 三平尾, 重韵, repeat
     expected: str
 
     def __str__(self) -> str:
@@ -49,7 +50,8 @@ class PoemCheck:
 
     def summary(self) -> str:
         """One line: `2 violations; lines right; rhyme 十五删 wrong; tones 15/16 (94%)`."""
-        verdict = "regular" if self.ok else f"{len(self.violations)} violations"
+        count = len(self.violations)
+        verdict = "regular" if self.ok else f"{count} violation{'s' if count > 1 else ''}"
         return (f"{verdict}; lines {'right' if self.lines_ok else 'wrong'}; rhyme {'/'.join(self.rhymes) or '-'} "
                 f"{'right' if self.rhyme_ok else 'wrong'}; tones {self.tones_right}/{self.tones_checked} "
                 f"({self.tone_share:.0%})")
@@ -99,6 +101,8 @@ def _check_pattern(lines: list[str], form: Form, pattern: Pattern, loose: bool, 
             violations.append(Violation(index + 1, 0, "", "repeat", f"line {spec.repeats + 1} again (叠句)"))
     rhymes, rhyme_faults = _check_rhymes(lines, form, pattern, table)
     violations.extend(rhyme_faults)
+    if form.regulated:
+        violations.extend(_repeated_rhymes(lines, pattern))
     violations.sort(key=lambda v: (v.line, v.position))
     return PoemCheck(form.name, pattern.label, not any(v.kind == "length" for v in violations), not rhyme_faults,
                      rhymes, right, checked, _unknown(lines, table), tuple(violations))
@@ -142,6 +146,20 @@ def _check_rhymes(lines: list[str], form: Form, pattern: Pattern, table: RhymeTa
         faults += [Violation(i + 1, len(lines[i]), c, "rhyme", best) for i, c in ends
                    if best not in choices[i] and not _borrowed_first_rhyme(i, c, best, form, table)]
     return tuple(names), faults
+
+
+def _repeated_rhymes(lines: list[str], pattern: Pattern) -> list[Violation]:
+    """重韵: regulated verse ends no two rhymed lines with one character (a 词 may, so only regulated verse)."""
+    faults, used = [], {}
+    for index, spec in enumerate(pattern.lines):
+        char = lines[index][-1]
+        if spec.rhyme is None:
+            continue
+        if char in used:
+            faults.append(Violation(index + 1, len(lines[index]), char, "重韵",
+                                    f"a rhyme character not used before (line {used[char] + 1} rhymes on it)"))
+        used.setdefault(char, index)
+    return faults
 
 
 def _borrowed_first_rhyme(index: int, char: str, group: str, form: Form, table: RhymeTable) -> bool:
