@@ -4,13 +4,15 @@ side by side in one run: seconds per question and the share of answers that are 
 and against another version of poetry/decode.py, their answers compared with the constrained ones. The raw numbers
 are kept as JSON under bench/results/.
 
-    python bench/decode.py [--model builtin:gemma-3-270m] [--adapter DIR [--merge]] [--questions Q.json]
-        [--count 8] [--max-new-tokens 8] [--batch-size 8] [--draft-tokens 0,4] [--options] [--no-free]
-        [--repeats 2] [--threads N] [--dtype auto|fp32|bf16] [--naive] [--baseline FILE] [--options-baseline FILE]
-        [--results-dir bench/results] [--name decode]
+    python bench/decode.py [--model builtin:gemma-3-270m] [--adapter DIR [--merge | --also-merged]]
+        [--questions Q.json] [--count 8] [--max-new-tokens 8] [--batch-size 8] [--draft-tokens 0,4] [--options]
+        [--no-free] [--repeats 2] [--threads N] [--dtype auto|fp32|bf16] [--naive] [--baseline FILE]
+        [--options-baseline FILE] [--results-dir bench/results] [--name decode]
 
 The model is the base alone (zero-shot), or with --adapter a run's adapter, unmerged as the training loop's
-evaluation runs it, or merged as infer.py loads it with --merge. --draft-tokens times constrained decoding once per
+evaluation runs it, or merged as infer.py loads it with --merge. --also-merged runs the constrained rows on both,
+the merged model loaded beside the unmerged one, every answer compared with the unmerged plain decoder's (in fp32
+merging rounds the weights once, which may flip a near-tie). --draft-tokens times constrained decoding once per
 k (0: plain), speculative rows compared with the plain one; each is also run once more, untimed, with counters:
 forwards per value token, the mean number of drafts accepted per verification, and the time split between the
 prompts' prefill, the forced runs, the value tokens (with their drafts' verification) and, inside all three, the
@@ -58,6 +60,7 @@ from poetry.quiet import quiet_libraries  # noqa: E402
 
 FREE, CONSTRAINED, NAIVE, OPTIONS = ("free: generate + parser", "constrained", "naive (no cache)",
                                     "option scoring (likelihood modes)")
+MERGED = ", merged"  # a constrained row's name ends so when it ran on the merged model (--also-merged)
 # what parse_free_answer repairs, by the property of the answer text it shows missing
 LACKS = {"valid": {"invalid_json", "fence", "think"}, "non_empty": {"missing_value"},
          "positional": {"invalid_json", "fence", "think", "section_name", "keys"}, "letter": {"choose_id"}}
@@ -170,6 +173,10 @@ def draft_counts(text: str) -> list[int]:
     return sorted(set(counts))
 
 
+def adapter_form(args: argparse.Namespace) -> str:
+    return " (merged)" if args.merge else " (unmerged, and merged in rows so named)" if args.also_merged else ""
+
+
 def constrained_name(draft_tokens: int) -> str:
     return CONSTRAINED if not draft_tokens else f"{CONSTRAINED}, {draft_tokens} draft tokens"
 
@@ -179,6 +186,8 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:gemma-3-270m")
     parser.add_argument("--adapter", help="a PEFT adapter directory (a run's checkpoint): the fine-tuned model")
     parser.add_argument("--merge", action="store_true", help="merge --adapter into the base, as infer.py does")
+    parser.add_argument("--also-merged", action="store_true",
+                        help="also the constrained rows on --adapter merged into a second copy of the base")
     parser.add_argument("--draft-tokens", type=draft_counts, default=[0],
                         help="constrained decoding with each number of draft tokens, 0 (plain) among them: 0,4")
     parser.add_argument("--options", action="store_true", help="also time the likelihood modes' option scoring")
@@ -202,8 +211,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = autocast_dtype(args.dtype)
 
-    if args.merge and not args.adapter:
-        parser.error("--merge needs --adapter")
+    if (args.merge or args.also_merged) and not args.adapter:
+        parser.error("--merge and --also-merged need --adapter")
+    if args.merge and args.also_merged:
+        parser.error("--also-merged runs the unmerged model beside the merged one: leave --merge out")
     args.options = args.options or bool(args.options_baseline)
     tokenizer, model = load(args, dtype.value)
     fmt = PromptFormat(tokenizer)
@@ -222,10 +233,13 @@ def main() -> None:
         old = load_baseline(args.baseline, "decode")
         methods[f"constrained, baseline {args.baseline}"] = lambda: old.decode_constrained(
             model, fmt, questions, args.batch_size, args.max_new_tokens)
-    constrained = {constrained_name(k): functools.partial(decode.decode_constrained, model, fmt, questions,
-                                                          args.batch_size, args.max_new_tokens, draft_tokens=k)
-                   for k in args.draft_tokens}
-    methods |= constrained
+    models = {"": model}
+    if args.also_merged:  # a second copy of the base: merging in place would change the unmerged rows' model
+        models[MERGED] = inference_model(resolve_model_path(args.model), dtype.value, args.adapter, merge=True)
+    constrained = {constrained_name(k) + suffix: (decoder, functools.partial(
+        decode.decode_constrained, decoder, fmt, questions, args.batch_size, args.max_new_tokens, draft_tokens=k))
+        for suffix, decoder in models.items() for k in args.draft_tokens}
+    methods |= {name: call for name, (_, call) in constrained.items()}
     if args.naive:
         methods[NAIVE] = lambda: decode.decode_naive(model, fmt, questions, args.max_new_tokens)
     if args.options:
@@ -248,20 +262,21 @@ def main() -> None:
         results[name]["quality"] = quality(questions, texts)
         if name not in (FREE, CONSTRAINED):
             results[name]["agreement"] = agreement(outputs[name], outputs[CONSTRAINED])
-    for name, call in constrained.items():  # once more, untimed: what the time went to
-        counters = Counters(model)
+    for name, (decoder, call) in constrained.items():  # once more, untimed: what the time went to
+        counters = Counters(decoder)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype.value == "bf16"):
             counters.run(call)
         results[name]["cost"] = counters.summary()
     title = (f"decoding {len(questions)} questions of {args.questions}, {args.model}"
-             f"{' + ' + args.adapter + (' (merged)' if args.merge else '') if args.adapter else ''}: value budget "
+             f"{' + ' + args.adapter + adapter_form(args) if args.adapter else ''}: value budget "
              f"{args.max_new_tokens} tokens, batch {args.batch_size}, autocast {dtype.value}, "
              f"{torch.get_num_threads()} threads")
     side_by_side(title, times, note=f"speed-up over the first row; autocast {dtype.value}: {dtype.reason}")
     summary(results, len(questions))
     costs(results)
     path = write_results(args.name, {
-        "args": {"model": args.model, "adapter": args.adapter, "merge": args.merge, "questions": args.questions,
+        "args": {"model": args.model, "adapter": args.adapter, "merge": args.merge, "also_merged": args.also_merged,
+                 "questions": args.questions,
                  "count": len(questions), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                  "draft_tokens": args.draft_tokens, "repeats": args.repeats, "dtype": dtype.value,
                  "threads": torch.get_num_threads(), "baseline": str(args.baseline) if args.baseline else None,

@@ -22,6 +22,25 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter on the tiny model whose B matrices are random, so that it changes the model's answers."""
+    import torch
+
+    from poetry.config import LoraConfig, ModelConfig
+    from poetry.model import add_lora, load_model
+
+    model = add_lora(load_model(ModelConfig(path=str(tiny_model_dir), dtype="fp32"), for_training=False),
+                     LoraConfig(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0.0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """A tiny random-init model of each architecture poetry.builtin.tiny builds: {arch: directory}."""
     from poetry.builtin.tiny import ARCHITECTURES, build_tiny

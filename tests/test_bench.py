@@ -33,6 +33,25 @@ def test_loss_benchmark_compares_equal_losses_and_saves_the_memory(tiny_model_di
 
 
 @pytest.mark.slow  # a whole benchmark run: over the CI budget (make test-slow)
+def test_decode_benchmark_times_the_adapter_unmerged_and_merged_side_by_side(tiny_model_dir, adapter_dir, tmp_path):
+    out = run("decode.py", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--also-merged", "--count",
+              "2", "--max-new-tokens", "3", "--dtype", "fp32", "--threads", "1", "--no-free", "--draft-tokens", "0,2",
+              "--results-dir", str(tmp_path))
+    assert "identical answers: 2 of 2" in out
+    [saved] = tmp_path.glob("decode-*.json")
+    saved = json.loads(saved.read_text(encoding="utf-8"))
+    results = saved["results"]
+    assert saved["args"]["also_merged"] and not saved["args"]["merge"]
+    assert list(results) == ["constrained", "constrained, 2 draft tokens", "constrained, merged",
+                             "constrained, 2 draft tokens, merged"]
+    for name in ("constrained, merged", "constrained, 2 draft tokens, merged"):
+        assert results[name]["agreement"]["identical"] == 2  # fp32: merging does not change these answers
+        assert results[name]["cost"]["value_tokens"] == results["constrained"]["cost"]["value_tokens"]
+        # the counters hooked the merged model's own output layer (a separate copy of the base)
+        assert results[name]["cost"]["seconds"]["output layer"] > 0
+
+
+@pytest.mark.slow  # a whole benchmark run: over the CI budget (make test-slow)
 def test_decode_benchmark_gives_identical_answers_in_fp32_and_saves_the_numbers(tiny_model_dir, tmp_path):
     out = run("decode.py", "--model", str(tiny_model_dir), "--count", "2", "--max-new-tokens", "3", "--dtype", "fp32",
               "--threads", "1", "--naive", "--baseline", str(ROOT / "poetry" / "decode.py"), "--draft-tokens", "0,2",

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from poetry.config import LoraConfig, ModelConfig
+from poetry.config import ModelConfig
 from poetry.data import check_submission, load_answers, load_questions
-from poetry.model import add_lora, load_model
+from poetry.model import load_model
 from poetry.precision import DTYPES, Choice, choose
 
 from conftest import ROOT, SAMPLE
@@ -29,20 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def run(capsys, *argv):
     code = infer.main([str(a) for a in argv])
     return code, capsys.readouterr()
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    """A LoRA adapter whose B matrices are random, so that it changes the model's answers."""
-    model = add_lora(load_model(ModelConfig(path=str(tiny_model_dir), dtype="fp32"), for_training=False),
-                     LoraConfig(r=4, alpha=8, dropout=0.0))
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0.0, 0.5)
-    out = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture
