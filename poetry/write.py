@@ -249,6 +249,8 @@ class PoemState(_Writing):
             self.rhymed += self.chars.ids_of[char]
             found = self._found(char, chain)
             self.classes[chain] = (self.classes[chain] & found) if self.classes[chain] else found
+        elif len(chains) > 1 and self._rhymes(char, next(chain for chain in chains if chain)):
+            self.rhymed += self.chars.ids_of[char]  # tones off leave the first line free to rhyme; this end does
 
     def _found(self, char: str, chain: str) -> frozenset[str]:
         return frozenset(rhyme_classes(char, self.form.chain_tones[chain], self.form.regulated, self.chars.table))
