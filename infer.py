@@ -270,7 +270,7 @@ from poetry.data import (  # noqa: E402
 from poetry.decode import UnsupportedTokenizer, chat, decode_free, model_device  # noqa: E402
 from poetry.feed import Collator  # noqa: E402
 from poetry.loss import TargetOnlyLoss  # noqa: E402
-from poetry.model import is_prompt_learning, load_model, load_tokenizer  # noqa: E402
+from poetry.model import is_prompt_learning, load_model, load_tokenizer, with_saved_adapter  # noqa: E402
 from poetry.precision import choose, default_device  # noqa: E402
 from poetry.prompt import PromptFormat, tokenize_examples  # noqa: E402
 from poetry.prosody import form_named, record_form  # noqa: E402
@@ -299,11 +299,9 @@ def _load(args: argparse.Namespace):
     if quantization == "none":  # quantized weights are placed on the device while loading
         model.to(device)
     if args.adapter:
-        from peft import PeftModel
-
         adapter = resolve_adapter(args.adapter)
         print(f"adapter: {adapter}", flush=True)
-        model = PeftModel.from_pretrained(model, adapter)
+        model = with_saved_adapter(model, adapter)
         if not getattr(args, "no_merge", True):  # `merge` merges and saves by itself
             model = _merged_for_inference(model, quantization)
     return model.eval(), tokenizer

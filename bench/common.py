@@ -23,7 +23,7 @@ from rich.table import Table
 from poetry.builtin import resolve_model_path
 from poetry.config import DataConfig, LoraConfig, ModelConfig
 from poetry.feed import Collator, TaskData
-from poetry.model import add_lora, load_model, load_tokenizer
+from poetry.model import add_lora, load_model, load_tokenizer, with_saved_adapter
 from poetry.precision import Choice, choose, cpu_flags, cpu_native_bf16, cpuinfo_field
 from poetry.prompt import PromptFormat
 from poetry.quiet import quiet_libraries
@@ -43,9 +43,7 @@ def inference_model(path: str, dtype: str, adapter: str | Path | None = None, me
     of trainable weights only): fine-tuned decoding ran 2.5x slower so (Intel with avx512_bf16, 2026-12-04)."""
     model = load_model(ModelConfig(path=path, dtype=dtype), for_training=False)
     if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = with_saved_adapter(model, adapter)
         if merge:
             model = model.merge_and_unload()
     return model.eval()

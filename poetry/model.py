@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from packaging.version import Version
 
 from .config import ConfigError, LoraConfig, ModelConfig, PeftConfig
 from .precision import DTYPES, choose
+from .quiet import ignore_v4_names
 
 # the keyword a model's forward takes its key/value cache by: transformers 5.24 renamed past_key_values to cache
 # and removes the old name in 5.40; setup.cfg allows releases on both sides of the rename
@@ -86,6 +88,16 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", for_trainin
             # frozen embeddings give inputs without grad; reentrant checkpointing then drops the LoRA grads
             model.enable_input_require_grads()
     return model
+
+
+def with_saved_adapter(model, adapter: str | Path):
+    """`model` with the adapter saved in `adapter` (PEFT's `from_pretrained`), quietly: PEFT's check of a v4 name
+    warns at each load on transformers 5."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        ignore_v4_names()
+        return PeftModel.from_pretrained(model, str(adapter))
 
 
 def add_adapter(model, peft: PeftConfig, lora: LoraConfig):

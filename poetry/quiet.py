@@ -1,6 +1,7 @@
-"""Silencing the Hugging Face libraries' progress bars, which write carriage returns into logs: the run's own console
-and the CLIs' own progress lines replace them. Importing this module loads nothing heavy, so a CLI can call
-`quiet_progress_bars()` before transformers is imported (the hub and datasets read their switch at import)."""
+"""Silencing the Hugging Face libraries' progress bars, which write carriage returns into logs (the run's own console
+and the CLIs' own progress lines replace them), and warnings no user can act on. Importing this module loads
+nothing heavy, so a CLI can call `quiet_progress_bars()` before transformers is imported (the hub and datasets read
+their switch at import)."""
 from __future__ import annotations
 
 import os
@@ -37,8 +38,13 @@ def quiet_libraries() -> None:
     """No bars, and only transformers' errors: for a training run or a benchmark, whose own lines say what matters.
     Imports transformers."""
     quiet_progress_bars()
-    # PEFT still calls transformers' v4 names (is_gradient_checkpointing): nothing a user can act on
-    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
+    ignore_v4_names()
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+
+
+def ignore_v4_names() -> None:
+    """PEFT still calls transformers' v4 names (is_gradient_checkpointing, on every adapter it loads): a warning
+    no user can act on. Within `warnings.catch_warnings()`, for the current block only."""
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)

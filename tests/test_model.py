@@ -1,5 +1,6 @@
 """Model machinery on tiny models: target-only loss, checkpointing, adapter dtype, optimizer groups, schedule."""
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from poetry.builtin.tiny import ARCHITECTURES
 from poetry.config import LoraConfig, ModelConfig, TrainConfig, load_config
 from poetry.loss import TargetOnlyLoss, full_logits_loss
 from poetry.memory import Shape, estimate
-from poetry.model import add_lora, load_model, skip_adapter_input_casts, trainable_parameters
+from poetry.model import add_lora, load_model, skip_adapter_input_casts, trainable_parameters, with_saved_adapter
 from poetry.optim import build_optimizer, build_scheduler, lr_lambda, parameter_groups, repage_state
 from poetry.prompt import IGNORE_INDEX
 
@@ -295,3 +296,13 @@ def test_memory_cli_on_a_config_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "base weights" in out and "6.53B params" in out and "fits in 32 GiB" in out
     assert main(["--config", str(config_file), "model.path=/nonexistent/dir"]) == 2
+
+
+def test_a_saved_adapter_loads_without_the_v4_name_warning(tiny_model_dir, adapter_dir):
+    """PEFT's check of transformers' v4 `is_gradient_checkpointing` warned in every infer.py run with an adapter."""
+    model = load_model(ModelConfig(path=str(tiny_model_dir), dtype="fp32"), for_training=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = with_saved_adapter(model, adapter_dir)
+    assert [name for name, _ in loaded.named_parameters() if "lora_B" in name]
+    assert not [w for w in caught if "removed in v6" in str(w.message)], [str(w.message) for w in caught]
