@@ -232,6 +232,8 @@ def setup(cfg: Config) -> Run:
     optimizer = optim.build_optimizer(model, cfg.train)  # over the (sharded) adapters, so after wrap
     steps_per_epoch = math.ceil(len(sampler) / cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs  # max_steps overrides epochs
+    log.print(f"optimizer steps: {total_steps}, {total_steps / steps_per_epoch:.2g} epochs of {steps_per_epoch}"
+              + (" (train.max_steps: train.epochs is unused)" if cfg.train.max_steps else ""))
     device_autocast = functools.partial(autocast, cfg.train.precision, accelerator.device.type)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP swaps in shards
     run = Run(cfg, accelerator, parallel, log, model, loss_model, trainable, data, sampler, collate, optimizer,

@@ -60,6 +60,7 @@ def test_run_directory_checkpoints_and_curves(tiny_model_dir, few_poems, tmp_pat
     printed = capsys.readouterr().out  # the effective config, overrides included, before training starts
     assert "train: seed=0" in printed and "keep_last=1" in printed and "eval: every=2" in printed
     assert printed.index("keep_last=1") < printed.index("trainable parameters") < printed.index("step 1/6 ")
+    assert re.search(r"optimizer steps: 6, [\d.]+ epochs of \d+ \(train.max_steps: train.epochs is unused\)", printed)
     assert f"adapter in {run_dir / 'checkpoints' / 'step-000006'}" in printed
     assert re.search(r"of training time\), peak mem/peak_rss_gb=[\d.]+\n", printed)
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoints", "loss.png", "lr.png"}
