@@ -46,5 +46,5 @@ def quiet_libraries() -> None:
 
 def ignore_v4_names() -> None:
     """PEFT still calls transformers' v4 names (is_gradient_checkpointing, on every adapter it loads): a warning
-    no user can act on. Within `warnings.catch_warnings()`, for the current block only."""
+    no user can act on. Inside `warnings.catch_warnings()` for that block only, else for the rest of the process."""
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
