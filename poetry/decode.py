@@ -56,7 +56,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .data.records import OPTION_LETTERS, Answer, Question
 from .loss import TargetOnlyLoss
@@ -448,8 +449,9 @@ def _forward(lm: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: in
     Each row takes the last `width` tokens of its sequence, re-feeding some cached ones when it is due fewer than
     the widest, so that every row is contiguous, padded on the left only, and ends at the last position, where
     the output layer reads its scores. Padding in its middle, even masked, would narrow a sliding window, which
-    counts cache slots. The cache is made without the model's config, so that every layer returns all its slots
-    (a sliding-window layer keeps the last window only), and each row's keys and values are kept whole.
+    counts cache slots. The cache is made of full layers (`_BatchLayer`), without the model's config, so that every
+    layer returns all its slots (a sliding-window layer keeps the last window only), and each row's keys and values
+    are kept whole.
     """
     if not rows:
         return
@@ -469,7 +471,8 @@ def _forward(lm: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: in
     # start. Plain RoPE sees only relative offsets and would not mind, but absolute position embeddings,
     # position-dependent RoPE scaling and rounding at large positions do: an answer must not depend on its batch
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
-    cache = DynamicCache(_batched_kv(rows, cached, past)) if past else DynamicCache()
+    layers = range(lm.decoder.config.num_hidden_layers)
+    cache = Cache(layers=[_BatchLayer(rows, layer, cached, past) for layer in layers])
     hidden = lm.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, **{CACHE_KEYWORD: cache},
                         use_cache=True).last_hidden_state
     # the output layer (a 262k-row matmul on Gemma) on each row's due token and its own drafts only
@@ -504,16 +507,33 @@ def prompt_lookup(sequence: list[int], max_tokens: int, max_ngram: int = DRAFT_N
     return []
 
 
-def _batched_kv(rows: list[_Row], cached: list[int], past: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the keys and values of the batch: the first `cached` slots of each row, left-padded to `past`."""
-    def stacked(layer: int, part: int) -> torch.Tensor:
-        first = rows[0].kv[layer][part]
-        out = first.new_zeros(len(rows), first.shape[0], past, first.shape[2])
-        for b, (row, n) in enumerate(zip(rows, cached, strict=True)):
-            out[b, :, past - n:] = row.kv[layer][part][:, :n]
-        return out
+class _BatchLayer(DynamicLayer):
+    """One layer's keys and values for one forward: the rows' first `cached` slots, left-padded to `past`, in a buffer
+    with room for the fed tokens, which `update` writes in place: the batch's cache is copied once a forward. A
+    DynamicCache made from the stacked rows copied it twice more (its constructor and the forward each concatenate):
+    on the demo's 13 held-out questions in fp32 (merged adapter, 2 drafts, Intel) 4.8 of 33.5 s, 29.5 s without."""
 
-    return [(stacked(layer, 0), stacked(layer, 1)) for layer in range(len(rows[0].kv))]
+    def __init__(self, rows: list[_Row], layer: int, cached: list[int], past: int):
+        super().__init__()
+        self.rows, self.layer, self.cached, self.past = rows, layer, cached, past
+
+    def get_seq_length(self) -> int:
+        return self.past if self.keys is None else self.keys.shape[-2]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys, self.values = (self._stacked(part, states) for part, states in enumerate((key_states, value_states)))
+        self.device, self.is_initialized = key_states.device, True
+        return self.keys, self.values
+
+    def _stacked(self, part: int, fed: torch.Tensor) -> torch.Tensor:
+        batch, heads, width, dim = fed.shape
+        out = fed.new_empty(batch, heads, self.past + width, dim)
+        for b, (row, n) in enumerate(zip(self.rows, self.cached, strict=True) if self.past else ()):
+            out[b, :, :self.past - n] = 0  # masked, but must not be NaN: a masked score is still computed
+            out[b, :, self.past - n:self.past] = row.kv[self.layer][part][:, :n]
+        out[:, :, self.past:] = fed
+        return out
 
 
 def decode_naive(model, fmt: PromptFormat, questions: list[Question], max_new_tokens: int = 64,

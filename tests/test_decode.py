@@ -320,6 +320,23 @@ def test_rows_due_a_short_run_share_the_forward_of_rows_due_a_token(model, fmt):
     assert [state.made for state in states] == [12, 12, 9] and len(forwards) == 12
 
 
+def test_a_forwards_cache_is_each_rows_slots_left_padded_with_the_fed_tokens_written_after_them(monkeypatch):
+    """A forward's keys and values per layer: each row's first `cached` slots right-aligned to `past`, zeros before
+    them whatever the allocator left there (a masked score is still computed: NaN would poison the row), then the fed
+    tokens' states, written into the one buffer rather than concatenated onto a stacked copy."""
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *size: torch.full(size, float("nan")))
+    kv = [torch.arange(8.0).reshape(1, 4, 2), torch.arange(8.0, 12.0).reshape(1, 2, 2)]  # (heads, slots, dim)
+    rows = [decode._Row(None, [], [(k, -k)]) for k in kv]
+    layer = decode._BatchLayer(rows, 0, cached=[3, 1], past=3)
+    assert layer.get_seq_length() == 3  # before the forward: what the attention masks are sized by
+    fed = torch.full((2, 1, 2, 2), 50.0)
+    keys, values = layer.update(fed, -fed)
+    expected = torch.stack([torch.cat([kv[0][:, :3], fed[0]], 1),
+                            torch.cat([torch.zeros(1, 2, 2), kv[1][:, :1], fed[1]], 1)])
+    assert torch.equal(keys, expected) and torch.equal(values, -expected)
+    assert layer.get_seq_length() == 5
+
+
 def test_questions_on_one_poem_share_a_batch():
     assert _batches([5, 9, 7, 8], 2) == [[1, 3], [2, 0]]
     assert _batches([5, 9, 7, 8], 2, ["a", "b", "b", "a"]) == [[1, 2], [3, 0]]  # the poem of the longest first
