@@ -159,10 +159,11 @@ class Counters:
 
 
 def load(args: argparse.Namespace, dtype: str):
-    """(tokenizer, model): the base alone, or with --adapter (merged with --merge), its weights in `dtype`."""
+    """(model directory, tokenizer, model): the base alone, or with --adapter (merged with --merge), its weights in
+    `dtype`."""
     quiet_libraries()
     path = resolve_model_path(args.model)
-    return load_tokenizer(path), inference_model(path, dtype, args.adapter, args.merge)
+    return path, load_tokenizer(path), inference_model(path, dtype, args.adapter, args.merge)
 
 
 def draft_counts(text: str) -> list[int]:
@@ -216,7 +217,7 @@ def main() -> None:
     if args.merge and args.also_merged:
         parser.error("--also-merged runs the unmerged model beside the merged one: leave --merge out")
     args.options = args.options or bool(args.options_baseline)
-    tokenizer, model = load(args, dtype.value)
+    path, tokenizer, model = load(args, dtype.value)
     fmt = PromptFormat(tokenizer)
     questions = load_questions(args.questions).records[:args.count]
     outputs: dict[str, list] = {}
@@ -235,7 +236,7 @@ def main() -> None:
             model, fmt, questions, args.batch_size, args.max_new_tokens)
     models = {"": model}
     if args.also_merged:  # a second copy of the base: merging in place would change the unmerged rows' model
-        models[MERGED] = inference_model(resolve_model_path(args.model), dtype.value, args.adapter, merge=True)
+        models[MERGED] = inference_model(path, dtype.value, args.adapter, merge=True)
     constrained = {constrained_name(k) + suffix: (decoder, functools.partial(
         decode.decode_constrained, decoder, fmt, questions, args.batch_size, args.max_new_tokens, draft_tokens=k))
         for suffix, decoder in models.items() for k in args.draft_tokens}
