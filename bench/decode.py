@@ -15,8 +15,9 @@ the merged model loaded beside the unmerged one, every answer compared with the 
 merging rounds the weights once, which may flip a near-tie). --draft-tokens times constrained decoding once per
 k (0: plain), speculative rows compared with the plain one; each is also run once more, untimed, with counters:
 forwards per value token, the mean number of drafts accepted per verification, and the time split between the
-prompts' prefill, the forced runs, the value tokens (with their drafts' verification) and, inside all three, the
-output layer. --options adds a row for the likelihood modes' option scoring (poetry.choice: the options of every
+prompts' prefill, the forwards of forced runs alone, those in which a row is due a value's token (with their drafts'
+verification, and other rows' forced runs since the engine packs them together) and, inside all three, the output
+layer. --options adds a row for the likelihood modes' option scoring (poetry.choice: the options of every
 question and their priors, batched across questions); --options-baseline times another version of poetry/choice.py's
 option scoring beside it, their scores compared.
 
@@ -122,7 +123,7 @@ class Counters:
 
         def counted_forward(head, rows, *args):
             kind = ("prefill" if all(len(row.ids) == row.virtual for row in rows) else
-                    "value tokens" if rows and len(rows[0].feed) == 1 else "forced runs")
+                    "value tokens" if any(len(row.feed) == 1 for row in rows) else "forced runs")
             self.forwards, self.row_forwards = self.forwards + bool(rows), self.row_forwards + len(rows)
             begun = time.perf_counter()
             forward(head, rows, *args)
@@ -310,8 +311,9 @@ def costs(results: dict[str, dict]) -> None:
     table = Table(title="constrained decoding, counted (one untimed run each)",
                   caption="a row forward is one row's part of a batched forward; per value token, every row "
                           "forward counts (prompts and forced runs too) against the value tokens chosen (closing "
-                          "quotes included); accepted: drafts kept per verification; the output layer's time is "
-                          "inside the three before it")
+                          "quotes included); accepted: drafts kept per verification; value tokens: forwards in which "
+                          "a row is due a value's token (other rows' forced runs ride along), forced runs: forwards of "
+                          "runs only; the output layer's time is inside the three before it")
     columns = ("method", "forwards", "value tokens", "row forwards / value token", "accepted / verification",
                "prefill s", "forced runs s", "value tokens s", "output layer s")
     for column in columns:

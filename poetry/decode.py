@@ -22,16 +22,16 @@ what `pick` makes of their log-probabilities (poetry.choice: calibrated, or the 
 Batching. A forward costs about the same whatever few tokens it takes (on Gemma-3-270M it reads the 671 MB fp32
 lm_head and the layers' weights), and forced tokens are most of an answer, so a forced run (the prompt, a key and
 its punctuation) is fed in one forward, and lm_head runs on each row's last position only. Each row keeps its own
-keys and values, batched per forward (see `_forward`); a batch runs in rounds: the rows due a long run, then in
-one forward the rows due one generated token with those due a short run (`SHARED_RUN`), which would otherwise cost a
-forward of their own; on the demo's 6 validation questions (Gemma-3-270M, bf16, Intel) 82 forwards instead of 95,
-7.5 s instead of 8.1. Measured on Gemma-3-270M, fp32, one thread (bench/decode.py): 8 sample
-questions 28 s against 41 s feeding a token per row per forward, the demo config's 6 validation questions 34 s against
-67 s. Rejected: every row in every forward, a row due fewer tokens padded in its middle (masked holes in one shared
-cache): 1.6x the positions for 0.7x the forwards, 1.3x slower, and wrong for Gemma, whose sliding window counts
-cache slots, holes included (tests/test_decode.py). Questions on one poem in a batch share the keys and values of
-the prompt up to where it differs: on the tiny config's validation questions (several per poem) that skips 20% of
-the prompt tokens and 10% of the time; the demo config asks one question per poem.
+keys and values, in buffers that grow by doubling. A forward packs every row's due tokens into one sequence without
+padding, whatever each is due (a token, its drafts, a forced run of any length), and its layers attend row by row
+over each row's own slots (`_rows_attention`): one forward a round, one choice a row a forward, and no row holds a
+hole, which Gemma's sliding window would count (it is measured in cache slots; tests/test_decode.py). The engine
+before packed forwards stacked the rows left-padded into one cache each forward (a copy of it a forward) and made
+every row as wide as the widest feed, re-feeding cached tokens; a long forced run took a forward of its own. On the
+demo's 13 held-out questions (Gemma-3-270M with its adapter merged, fp32, 2 drafts, Intel), packing took 22.9 s
+against 27.9 s, with the same answers. Questions on one poem in a batch share the keys and values of the prompt up
+to where it differs: on the tiny config's validation questions (several per poem) that skips 20% of the prompt
+tokens and 10% of the time; the demo config asks one question per poem.
 
 Speculative decoding (`draft_tokens`, eval.draft_tokens, infer.py --draft-tokens) feeds a row due a value's token
 the tokens that followed the row's last n-gram where it occurred before (prompt lookup: a translation reuses its
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import re
 from collections import Counter
@@ -56,25 +57,28 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers import AttentionInterface, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .data.records import OPTION_LETTERS, Answer, Question
 from .loss import TargetOnlyLoss
-from .model import CACHE_KEYWORD, VirtualTokens
+from .model import VirtualTokens
 from .prompt import PromptFormat
 
 Progress = Callable[[int], None]  # called with the number of questions finished since the last call
 VIRTUAL_ID = -1  # stands for a prompt-learning adapter's virtual token in a row's ids: never fed
 CHOOSE_HEAD = '"choose_id": "'
 DRAFT_NGRAM = 3  # prompt lookup matches the last 3 tokens of a row, else 2, else 1
-# A forced run this long or shorter shares the forward of the rows due one token, which re-feed cached tokens to
-# match its width: on a CPU a forward reads every weight, worth ~100 tokens of compute on Gemma-3-270M
-SHARED_RUN = 8
+# the attention implementation of the engine's forwards (`_rows_attention`), and the keyword that hands it their rows
+ROWS_ATTENTION = PACKING_KEYWORD = "poetry_rows"
 
 
 class UnsupportedTokenizer(ValueError):
     """The tokenizer cannot express the canonical answer the way the constrained decoder needs."""
+
+
+class UnsupportedModel(ValueError):
+    """The model's attention is one that the decoding engine cannot run."""
 
 
 @dataclass(frozen=True)
@@ -374,10 +378,11 @@ def drive(model, fmt: PromptFormat, states: list, prompts: list[list[int]], batc
         prefix = virtual.kv() if virtual else []
         rows = [_Row(state, prompt + state.start(), prefix) for state, prompt in zip(states, prompts, strict=True)]
         lm = TargetOnlyLoss(virtual.base if virtual else model)  # its decoder, and its output layer on chosen rows
-        for batch in _batches([len(row.feed) for row in rows], batch_size, [state.prompt_key for state in states]):
-            _decode_batch(lm, [rows[i] for i in batch], padding_id(fmt), draft_tokens)
-            if progress:
-                progress(len(batch))
+        with _packed_attention(lm.decoder.config):
+            for batch in _batches([len(row.feed) for row in rows], batch_size, [state.prompt_key for state in states]):
+                _decode_batch(lm, [rows[i] for i in batch], draft_tokens)
+                if progress:
+                    progress(len(batch))
 
 
 class _Row:
@@ -387,8 +392,10 @@ class _Row:
     def __init__(self, state, feed: list[int], prefix: list[tuple[torch.Tensor, torch.Tensor]]):
         self.state = state
         self.virtual = prefix[0][0].shape[1] if prefix else 0
-        self.ids: list[int] = [VIRTUAL_ID] * self.virtual  # the tokens `kv` holds
-        self.kv = prefix  # per layer: keys, values (heads, len(ids), dim)
+        self.ids: list[int] = [VIRTUAL_ID] * self.virtual  # the tokens `kv` holds in its first slots
+        # per layer: keys, values (heads, capacity, dim); the prefix's are every row's, but full: the first write
+        # moves them to buffers of the row's own
+        self.kv = [[keys, values] for keys, values in prefix]
         self.feed = feed  # the tokens due next; scores are wanted after the last
 
     def drafts(self, max_tokens: int) -> list[int]:
@@ -397,28 +404,40 @@ class _Row:
             return []
         return self.state.drafts(self.ids[self.virtual:] + self.feed, max_tokens)
 
+    def attend(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes the fed tokens' keys and values (heads, n, dim) after the row's slots in its layer's buffers, which
+        grow by doubling (a forward copies nothing else), and returns all its slots up to them."""
+        cached, fed = len(self.ids), keys.shape[1]
+        if layer == len(self.kv):  # the row's first forward
+            self.kv.append([states.new_empty(states.shape[0], 0, states.shape[-1]) for states in (keys, values)])
+        for part, states in enumerate((keys, values)):
+            buffer = self.kv[layer][part]
+            if buffer.shape[-2] < cached + fed:
+                grown = states.new_empty(states.shape[0], max(cached + fed, 2 * buffer.shape[-2]), states.shape[-1])
+                grown[:, :cached] = buffer[:, :cached]
+                self.kv[layer][part] = buffer = grown
+            buffer[:, cached:cached + fed] = states
+        return tuple(buffer[:, :cached + fed] for buffer in self.kv[layer])
 
-def _decode_batch(lm: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
-    """The prompts first, each poem's once; then rounds: the rows due a forced run longer than `SHARED_RUN` (or the
-    drafts' width) take it in a forward of their own, then every other row takes what it is due in one forward:
-    one token with up to `draft_tokens` drafts after it, or a short forced run (a row that has just taken a long
-    run has chosen its token already)."""
+    def take_prompt(self, leader: _Row, shared: int) -> None:
+        """The keys and values of the leader's first `shared` prompt tokens (after any virtual ones), copied."""
+        kept = self.virtual + shared
+        self.ids, self.feed = leader.ids[:kept], self.feed[shared:]
+        self.kv = [[buffer[:, :kept].clone() for buffer in layer] for layer in leader.kv]
+
+
+def _decode_batch(lm: TargetOnlyLoss, rows: list[_Row], draft_tokens: int = 0) -> None:
+    """The prompts first, each poem's once; then one forward a round, in which every row takes what it is due:
+    one token with up to `draft_tokens` drafts after it, or a forced run of any length."""
     followers = _shared_prompts(rows)
-    leaders = [row for row in rows if row not in followers]
-    # A row's virtual slots cannot be fed again, as a row shorter than the batch's widest feed would be: with them,
-    # each prompt (and each follower's rest of a prompt) is fed alone; every later feed is shorter than any prompt.
-    for prompts in ([row] for row in leaders) if rows[0].virtual else [leaders]:
-        _forward(lm, prompts, pad_id)
+    _forward(lm, [row for row in rows if row not in followers])
     for row, (leader, shared) in followers.items():
-        kept = row.virtual + shared
-        row.ids, row.kv = leader.ids[:kept], [(keys[:, :kept], values[:, :kept]) for keys, values in leader.kv]
-        row.feed = row.feed[shared:]
-        if row.virtual:
-            _forward(lm, [row], pad_id)
-    shared_width = max(SHARED_RUN, 1 + draft_tokens)
-    while rows := [row for row in rows if row.feed]:
-        _forward(lm, [row for row in rows if len(row.feed) > shared_width], pad_id)
-        _forward(lm, [row for row in rows if 0 < len(row.feed) <= shared_width], pad_id, draft_tokens)
+        row.take_prompt(leader, shared)
+    due = rows
+    while due := [row for row in due if row.feed]:
+        _forward(lm, due, draft_tokens)
+    for row in rows:  # a row lives until the last batch is done: its buffers must not
+        row.kv = []
 
 
 def _shared_prompts(rows: list[_Row]) -> dict[_Row, tuple[_Row, int]]:
@@ -435,7 +454,7 @@ def _shared_prompts(rows: list[_Row]) -> dict[_Row, tuple[_Row, int]]:
     return followers
 
 
-def _forward(lm: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: int = 0) -> None:
+def _forward(lm: TargetOnlyLoss, rows: list[_Row], draft_tokens: int = 0) -> None:
     """Feeds each row its due tokens in one forward, and lets its state choose from the scores what is due next.
 
     Speculative, with `draft_tokens`: a row due one token of a value is also fed the tokens that prompt lookup
@@ -446,43 +465,29 @@ def _forward(lm: TargetOnlyLoss, rows: list[_Row], pad_id: int, draft_tokens: in
     construction; a longer forward may round differently, which in fp32 flips no choice on the tested models. The
     output layer runs on the positions whose scores are read only: a row's due token and its own drafts.
 
-    Each row takes the last `width` tokens of its sequence, re-feeding some cached ones when it is due fewer than
-    the widest, so that every row is contiguous, padded on the left only, and ends at the last position, where
-    the output layer reads its scores. Padding in its middle, even masked, would narrow a sliding window, which
-    counts cache slots. The cache is made of full layers (`_BatchLayer`), without the model's config, so that every
-    layer returns all its slots (a sliding-window layer keeps the last window only), and each row's keys and values
-    are kept whole.
+    The rows' tokens are packed into one sequence, without padding: the layers' matmuls see each fed token once,
+    whatever the others are due, and attention runs row by row on each row's own slots (`_RowsAttention`).
     """
     if not rows:
         return
     drafts = [row.drafts(draft_tokens) for row in rows]
-    width = max(len(row.feed) + len(draft) for row, draft in zip(rows, drafts, strict=True))
-    sequences = [row.ids + row.feed + draft for row, draft in zip(rows, drafts, strict=True)]
-    fed = [sequence[-width:] for sequence in sequences]
-    cached = [len(sequence) - len(tokens) for sequence, tokens in zip(sequences, fed, strict=True)]
-    if any(n < row.virtual for n, row in zip(cached, rows, strict=True)):
-        raise RuntimeError("a forward would feed a row's virtual tokens as ids; their keys and values are fixed")
-    past = max(cached)
+    fed = [row.feed + draft for row, draft in zip(rows, drafts, strict=True)]
     device = lm.lm_head.weight.device
-    input_ids = torch.tensor([[pad_id] * (width - len(tokens)) + tokens for tokens in fed], device=device)
-    mask = torch.tensor([[0] * (past - n) + [1] * n + [0] * (width - len(tokens)) + [1] * len(tokens)
-                         for n, tokens in zip(cached, fed, strict=True)], device=device)
-    # Positions count real tokens only, as generate() does; the model would otherwise number from the padded
-    # start. Plain RoPE sees only relative offsets and would not mind, but absolute position embeddings,
-    # position-dependent RoPE scaling and rounding at large positions do: an answer must not depend on its batch
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
-    layers = range(lm.decoder.config.num_hidden_layers)
-    cache = Cache(layers=[_BatchLayer(rows, layer, cached, past) for layer in layers])
-    hidden = lm.decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, **{CACHE_KEYWORD: cache},
-                        use_cache=True).last_hidden_state
+    input_ids = torch.tensor([[token for tokens in fed for token in tokens]], device=device)
+    # a row's positions go on from its slots (virtual ones included), as if it were alone
+    positions = torch.tensor([[len(row.ids) + i for row, tokens in zip(rows, fed, strict=True)
+                               for i in range(len(tokens))]], device=device)
+    packing = _RowsAttention(rows, [len(tokens) for tokens in fed])
+    hidden = lm.decoder(input_ids=input_ids, position_ids=positions, use_cache=False,
+                        **{PACKING_KEYWORD: packing}).last_hidden_state[0]
     # the output layer (a 262k-row matmul on Gemma) on each row's due token and its own drafts only
     scored = [1 + len(draft) for draft in drafts]
-    logits = lm.target_logits(torch.cat([hidden[b, width - n:] for b, n in enumerate(scored)])).split(scored)
-    for b, (row, sequence, draft) in enumerate(zip(rows, sequences, drafts, strict=True)):
-        accepted, row.feed = _verify(row.state, logits[b], draft)
-        kept = len(sequence) - (len(draft) - accepted)
-        row.ids, row.kv = sequence[:kept], [(layer.keys[b, :, -len(sequence):][:, :kept],
-                                             layer.values[b, :, -len(sequence):][:, :kept]) for layer in cache.layers]
+    ends = itertools.accumulate(len(tokens) for tokens in fed)
+    read = [position for end, n in zip(ends, scored, strict=True) for position in range(end - n, end)]
+    logits = lm.target_logits(hidden[read]).split(scored)
+    for row, tokens, draft, row_logits in zip(rows, fed, drafts, logits, strict=True):
+        accepted, row.feed = _verify(row.state, row_logits, draft)
+        row.ids = row.ids + tokens[:len(tokens) - (len(draft) - accepted)]  # slots past them are overwritten later
 
 
 def _verify(state, logits: torch.Tensor, draft: list[int]) -> tuple[int, list[int]]:
@@ -507,33 +512,65 @@ def prompt_lookup(sequence: list[int], max_tokens: int, max_ngram: int = DRAFT_N
     return []
 
 
-class _BatchLayer(DynamicLayer):
-    """One layer's keys and values for one forward: the rows' first `cached` slots, left-padded to `past`, in a buffer
-    with room for the fed tokens, which `update` writes in place: the batch's cache is copied once a forward. A
-    DynamicCache made from the stacked rows copied it twice more (its constructor and the forward each concatenate):
-    on the demo's 13 held-out questions in fp32 (merged adapter, 2 drafts, Intel) 4.8 of 33.5 s, 29.5 s without."""
+class _RowsAttention:
+    """One forward's packing: row b's fed tokens are the next `lengths[b]` positions of the packed sequence. Each
+    layer's attention runs row by row, the row's fed queries over its own slots (`_Row.attend`), so no row waits
+    on padding and no slot is copied. A row's masks are made once a forward, for all layers."""
 
-    def __init__(self, rows: list[_Row], layer: int, cached: list[int], past: int):
-        super().__init__()
-        self.rows, self.layer, self.cached, self.past = rows, layer, cached, past
+    def __init__(self, rows: list[_Row], lengths: list[int]):
+        self.rows, self.lengths = rows, lengths
+        self.starts = [0, *itertools.accumulate(lengths)][:-1]
+        self.masks: dict[tuple[int, int | None], tuple[int, torch.Tensor | None]] = {}
 
-    def get_seq_length(self) -> int:
-        return self.past if self.keys is None else self.keys.shape[-2]
+    def __call__(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+                 window: int | None) -> torch.Tensor:
+        outputs = []
+        for b, (row, start, n) in enumerate(zip(self.rows, self.starts, self.lengths, strict=True)):
+            keys, values = row.attend(module.layer_idx, key[0, :, start:start + n], value[0, :, start:start + n])
+            first, mask = self._seen(b, keys.shape[1], window, query.device)
+            out, _ = sdpa_attention_forward(module, query[:, :, start:start + n], keys[None, :, first:],
+                                            values[None, :, first:], mask, scaling=scaling)
+            outputs.append(out)
+        return torch.cat(outputs, dim=1)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
-               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys, self.values = (self._stacked(part, states) for part, states in enumerate((key_states, value_states)))
-        self.device, self.is_initialized = key_states.device, True
-        return self.keys, self.values
+    def _seen(self, b: int, slots: int, window: int | None, device) -> tuple[int, torch.Tensor | None]:
+        """The first of row b's slots that its fed tokens may see, and the mask over the slots from there: None when
+        SDPA's own rule gives it (a single query sees every slot; a prompt alone, causal order)."""
+        if (b, window) not in self.masks:
+            n = self.lengths[b]
+            first = 0 if window is None else max(0, slots - n - window + 1)  # a sliding window counts slots
+            if n == 1 or (n == slots and (window is None or n <= window)):
+                self.masks[b, window] = first, None
+            else:
+                queries = torch.arange(slots - n, slots, device=device)[:, None]
+                keys = torch.arange(first, slots, device=device)[None]
+                seen = (keys <= queries) & (keys > queries - window if window is not None else True)
+                self.masks[b, window] = first, seen[None, None]
+        return self.masks[b, window]
 
-    def _stacked(self, part: int, fed: torch.Tensor) -> torch.Tensor:
-        batch, heads, width, dim = fed.shape
-        out = fed.new_empty(batch, heads, self.past + width, dim)
-        for b, (row, n) in enumerate(zip(self.rows, self.cached, strict=True) if self.past else ()):
-            out[b, :, :self.past - n] = 0  # masked, but must not be NaN: a masked score is still computed
-            out[b, :, self.past - n:self.past] = row.kv[self.layer][part][:, :n]
-        out[:, :, self.past:] = fed
-        return out
+
+def _rows_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                    scaling: float | None = None, sliding_window: int | None = None, **kwargs):
+    """The attention implementation of the engine's forwards (registered with transformers as ROWS_ATTENTION):
+    query, key and value are the packed rows' fed tokens (1, heads, tokens, dim)."""
+    if kwargs.get("softcap") is not None:
+        raise UnsupportedModel("the decoding engine's attention runs SDPA, which has no attention logit soft-capping")
+    return kwargs[PACKING_KEYWORD](module, query, key, value, scaling, sliding_window), None
+
+
+AttentionInterface.register(ROWS_ATTENTION, _rows_attention)
+
+
+@contextlib.contextmanager
+def _packed_attention(config):
+    """The decoder's layers attend row by row (`_rows_attention`) for as long as the engine runs them."""
+    before = config._attn_implementation
+    config._attn_implementation = ROWS_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
 
 
 def decode_naive(model, fmt: PromptFormat, questions: list[Question], max_new_tokens: int = 64,

@@ -287,7 +287,7 @@ def test_a_forced_run_costs_no_forward_of_its_own(model, fmt, sample_questions, 
 
 
 class _Scripted:
-    """An engine state that is due a forced run of three tokens after every `period`-th choice and one token after
+    """An engine state that is due a forced run of 12 tokens after every `period`-th choice and one token after
     the others, until it has made `choices` choices."""
 
     def __init__(self, period: int, choices: int):
@@ -304,12 +304,13 @@ class _Scripted:
         self.made += 1
         if self.made == self.choices:
             return []
-        return [7, 8, 9] if self.made % self.period == 0 else [7]
+        return [7, 8, 9] * 4 if self.made % self.period == 0 else [7]
 
 
-def test_rows_due_a_short_run_share_the_forward_of_rows_due_a_token(model, fmt):
-    """Rows whose runs fall at different choices still make one choice each per forward: as many forwards as the
-    row with the most choices makes, where rounds of a forward for the runs and one for the tokens took more."""
+def test_rows_due_a_forced_run_share_the_forward_of_rows_due_a_token(model, fmt):
+    """Rows whose runs fall at different choices still make one choice each per forward, whatever a run's length:
+    as many forwards as the row with the most choices makes, where rounds of a forward for the long runs and one for
+    the tokens took more."""
     forwards = []
     hook = model.get_decoder().register_forward_pre_hook(lambda module, args: forwards.append(1))
     states = [_Scripted(2, 12), _Scripted(3, 12), _Scripted(5, 9)]
@@ -320,21 +321,74 @@ def test_rows_due_a_short_run_share_the_forward_of_rows_due_a_token(model, fmt):
     assert [state.made for state in states] == [12, 12, 9] and len(forwards) == 12
 
 
-def test_a_forwards_cache_is_each_rows_slots_left_padded_with_the_fed_tokens_written_after_them(monkeypatch):
-    """A forward's keys and values per layer: each row's first `cached` slots right-aligned to `past`, zeros before
-    them whatever the allocator left there (a masked score is still computed: NaN would poison the row), then the fed
-    tokens' states, written into the one buffer rather than concatenated onto a stacked copy."""
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *size: torch.full(size, float("nan")))
-    kv = [torch.arange(8.0).reshape(1, 4, 2), torch.arange(8.0, 12.0).reshape(1, 2, 2)]  # (heads, slots, dim)
-    rows = [decode._Row(None, [], [(k, -k)]) for k in kv]
-    layer = decode._BatchLayer(rows, 0, cached=[3, 1], past=3)
-    assert layer.get_seq_length() == 3  # before the forward: what the attention masks are sized by
-    fed = torch.full((2, 1, 2, 2), 50.0)
-    keys, values = layer.update(fed, -fed)
-    expected = torch.stack([torch.cat([kv[0][:, :3], fed[0]], 1),
-                            torch.cat([torch.zeros(1, 2, 2), kv[1][:, :1], fed[1]], 1)])
-    assert torch.equal(keys, expected) and torch.equal(values, -expected)
-    assert layer.get_seq_length() == 5
+def test_a_row_writes_fed_keys_after_its_slots_in_buffers_that_grow_by_doubling():
+    """Each row keeps its keys and values in buffers of its own: a forward writes the fed tokens' states after the
+    row's slots (over drafts it rejected) and attends over the view up to them; nothing else is copied, except when
+    a buffer doubles. A prompt-learning prefix, the same tensors for every row, is never written into."""
+    prefix_keys = torch.arange(4.0).reshape(1, 2, 2)  # (heads, slots, dim): two virtual slots
+    row = decode._Row(None, [5], [(prefix_keys, -prefix_keys)])
+    fed = torch.full((1, 3, 2), 7.0)
+    keys, values = row.attend(0, fed, -fed)
+    assert torch.equal(keys, torch.cat([prefix_keys, fed], 1)) and torch.equal(values, -keys)
+    assert torch.equal(prefix_keys, torch.arange(4.0).reshape(1, 2, 2)) and row.kv[0][0].shape[1] == 5
+    row.ids = [decode.VIRTUAL_ID] * 2 + [5, 6]  # the third fed token was a rejected draft
+    buffer = row.kv[0][0]
+    keys, _ = row.attend(0, torch.full((1, 1, 2), 9.0), torch.zeros(1, 1, 2))
+    assert keys.shape[1] == 5 and keys[0, 4].tolist() == [9.0, 9.0] and row.kv[0][0] is buffer  # room: in place
+    row.ids.append(9)
+    keys, _ = row.attend(0, torch.full((1, 2, 2), 3.0), torch.zeros(1, 2, 2))
+    assert row.kv[0][0].shape[1] == 10 and keys.shape[1] == 7 and keys[0, 4].tolist() == [9.0, 9.0]
+    assert keys.data_ptr() == row.kv[0][0].data_ptr()  # a view of the buffer
+
+
+def test_each_rows_queries_see_its_slots_up_to_their_own_within_the_sliding_window():
+    """Row by row, the mask over a row's slots: a single query sees them all, a prompt fed alone follows causal
+    order (SDPA's own rule, no mask); tokens fed after cached slots see the slots up to their own, and a sliding
+    window (counted in slots) drops the slots it has passed, from the first one no query needs."""
+    packing = decode._RowsAttention([None] * 3, [1, 3, 4])
+    assert packing._seen(0, 6, None, "cpu") == (0, None) and packing._seen(0, 9, 4, "cpu") == (5, None)
+    assert packing._seen(2, 4, None, "cpu") == (0, None)  # row 2's prompt: its 4 slots are all fed now
+    first, mask = packing._seen(1, 5, None, "cpu")  # 2 cached slots, then 3 fed tokens
+    assert first == 0 and mask[0, 0].tolist() == [[True, True, True, False, False], [True, True, True, True, False],
+                                                  [True, True, True, True, True]]
+    first, mask = packing._seen(1, 5, 2, "cpu")  # slot 2 sees slots 1-2, slot 3 slots 2-3, slot 4 slots 3-4
+    assert first == 1 and mask[0, 0].tolist() == [[True, True, False, False], [False, True, True, False],
+                                                  [False, False, True, True]]
+    first, mask = packing._seen(2, 4, 3, "cpu")  # a prompt longer than the window: the window needs a mask
+    assert first == 0 and mask[0, 0, 3].tolist() == [False, True, True, True]
+
+
+def test_the_engine_gives_the_decoder_its_attention_back_whatever_happens(model, fmt, sample_questions):
+    before = model.config._attn_implementation
+
+    def broken(position, letter_logprobs):
+        assert model.config._attn_implementation == decode.ROWS_ATTENTION
+        raise KeyError("a picker failing mid-batch")
+
+    with pytest.raises(KeyError):
+        decode_constrained(model, fmt, sample_questions[:2], batch_size=2, max_new_tokens=2, pick=broken)
+    assert model.config._attn_implementation == before != decode.ROWS_ATTENTION
+    assert decode_constrained(model, fmt, sample_questions[:1], max_new_tokens=2)  # and it decodes again
+
+
+def test_attention_with_soft_capped_logits_is_refused():
+    query = torch.zeros(1, 2, 1, 4)
+    with pytest.raises(decode.UnsupportedModel, match="soft-capping"):
+        decode._rows_attention(None, query, query, query, None, softcap=50.0, poetry_rows=None)
+
+
+def test_a_batchs_rows_let_their_keys_and_values_go_once_it_is_done(model, fmt, sample_questions, monkeypatch):
+    """drive makes every row first and keeps them all until the last batch: a row's buffers (18 MB a row for
+    Gemma-3-270M's prompts) must go with its batch, or a few hundred questions would hold gigabytes."""
+    finished, batch = [], decode._decode_batch
+
+    def recorded(lm, rows, *rest):
+        batch(lm, rows, *rest)
+        finished.extend(rows)
+
+    monkeypatch.setattr(decode, "_decode_batch", recorded)
+    decode_constrained(model, fmt, sample_questions[:3], batch_size=2, max_new_tokens=2)
+    assert len(finished) == 3 and all(row.kv == [] for row in finished)
 
 
 def test_questions_on_one_poem_share_a_batch():
