@@ -28,10 +28,11 @@ over each row's own slots (`_rows_attention`): one forward a round, one choice a
 hole, which Gemma's sliding window would count (it is measured in cache slots; tests/test_decode.py). The engine
 before packed forwards stacked the rows left-padded into one cache each forward (a copy of it a forward) and made
 every row as wide as the widest feed, re-feeding cached tokens; a long forced run took a forward of its own. On the
-demo's 13 held-out questions (Gemma-3-270M with its adapter merged, fp32, 2 drafts, Intel), packing took 22.9 s
-against 27.9 s, with the same answers. Questions on one poem in a batch share the keys and values of the prompt up
-to where it differs: on the tiny config's validation questions (several per poem) that skips 20% of the prompt
-tokens and 10% of the time; the demo config asks one question per poem.
+demo's 13 held-out questions (Gemma-3-270M with its adapter merged, fp32, 2 drafts, Intel), packing took
+22.7-22.9 s against 27.7-28.1 s, with the same answers (bench/README.md, packed forwards). Questions on one poem in
+a batch share the keys and values of the prompt up to where it differs: on the tiny config's validation questions
+(several per poem) that skips 20% of the prompt tokens and 10% of the time; the demo config asks one question per
+poem.
 
 Speculative decoding (`draft_tokens`, eval.draft_tokens, infer.py --draft-tokens) feeds a row due a value's token
 the tokens that followed the row's last n-gram where it occurred before (prompt lookup: a translation reuses its
