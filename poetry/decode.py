@@ -573,7 +573,6 @@ def _packed_attention(config):
         config._attn_implementation = before
 
 
-
 def decode_naive(model, fmt: PromptFormat, questions: list[Question], max_new_tokens: int = 64,
                  pick: LetterPick = pick_most_likely_letter) -> list[Decoded]:
     """Reference for decode_constrained: one question at a time, no cache, no padding, the whole sequence re-run

@@ -378,8 +378,9 @@ def test_attention_with_soft_capped_logits_is_refused():
 
 
 def test_a_batchs_rows_let_their_keys_and_values_go_once_it_is_done(model, fmt, sample_questions, monkeypatch):
-    """drive makes every row first and keeps them all until the last batch: a row's buffers (18 MB a row for
-    Gemma-3-270M's prompts) must go with its batch, or a few hundred questions would hold gigabytes."""
+    """drive makes every row first and keeps them all until the last batch: a row's buffers (on Gemma-3-270M in
+    fp32, 11 MB for a 300-token prompt, twice that once they double) must go with its batch, or a few hundred
+    questions would hold gigabytes."""
     finished, batch = [], decode._decode_batch
 
     def recorded(lm, rows, *rest):
