@@ -1,8 +1,8 @@
 """Answer evaluation questions with a (LoRA-tuned) model, merge an adapter into its base, or chat with a model.
 
     python infer.py [predict] --model DIR [--adapter DIR [--no-merge]] --input eval.json --output submission.json
-                    [--decode constrained|free] [--choose-prior-weight λ]
-                    [--choose letter|letter_calibrated|likelihood|likelihood_norm|likelihood_pmi]
+                    [--decode constrained|free] [--choose-prior-weight λ] [--choose-channel-weight β]
+                    [--choose letter|letter_calibrated|likelihood|likelihood_norm|likelihood_pmi|likelihood_pmi_channel]
                     [--batch-size N] [--max-new-tokens N] [--draft-tokens K] [--system-prompt TEXT]
                     [--load-in-4bit | --load-in-8bit] [--dtype auto|fp32|bf16|fp16]
     python infer.py merge --model DIR --adapter DIR --out DIR [--dtype auto|fp32|bf16|fp16]
@@ -18,9 +18,11 @@
                     [--served-model-name NAME] [--max-batch N] [--max-wait-ms MS] [--max-queue N] [--max-chat-tokens N]
                     [--choose ...] [--max-new-tokens N] [--draft-tokens K] [--system-prompt TEXT] [--dtype ...]
 
-An adapter (--adapter) is merged into the base at load for predict, chat, perplexity and serve when it is a LoRA
-or IA3 one and the base is not quantized: the same model, each forward at the base's cost. `--no-merge` keeps it
-apart; merged weights in bf16 are rounded once, so a few answers may differ from the unmerged model's there.
+An adapter (--adapter) is merged into the base at load for chat, perplexity and serve, and for predict once the
+emotion letters are picked, when it is a LoRA or IA3 one and the base is not quantized: the same model, each forward
+at the base's cost. `--no-merge` keeps it apart; merged weights in bf16 are rounded once, so a few answers may differ
+from the unmerged model's there. Under `--choose likelihood_pmi_channel` (the default) serve keeps it apart: that
+choice reads each poem with the base model too.
 
 `predict` is the default subcommand: arguments that start with an option (`infer.py --model ...`) are predict's.
 `--model` is a local directory or `builtin:NAME` (e.g. builtin:tiny-qwen3, built on first use). Constrained decoding
@@ -119,6 +121,9 @@ def _answer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--choose-prior-weight", type=_prior_weight, default=EvalConfig.choose_prior_weight,
                         help="likelihood_pmi's λ, as eval.choose_prior_weight: the share of each option's "
                              "likelihood after the cue alone taken away (default: %(default)s)")
+    parser.add_argument("--choose-channel-weight", type=_prior_weight, default=EvalConfig.choose_channel_weight,
+                        help="likelihood_pmi_channel's β, as eval.choose_channel_weight: the weight of the base "
+                             "model's log-probability of the poem after each option (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=_positive, default=64,
                         help="token budget of each value (default: %(default)s)")
     parser.add_argument("--draft-tokens", type=_non_negative, default=EvalConfig.draft_tokens,
@@ -256,7 +261,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from poetry.builtin import resolve_model_path  # noqa: E402
 from poetry.checkpoint import resolve_adapter  # noqa: E402
-from poetry.choice import answer_questions  # noqa: E402
+from poetry.choice import answer_questions, letter_pick  # noqa: E402
 from poetry.config import ConfigError, ModelConfig  # noqa: E402
 from poetry.data import (  # noqa: E402
     DataError,
@@ -267,7 +272,7 @@ from poetry.data import (  # noqa: E402
     load_writing_requests,
     write_submission,
 )
-from poetry.decode import UnsupportedTokenizer, chat, decode_free, model_device  # noqa: E402
+from poetry.decode import UnsupportedTokenizer, chat, decode_constrained, decode_free, model_device  # noqa: E402
 from poetry.feed import Collator  # noqa: E402
 from poetry.loss import TargetOnlyLoss  # noqa: E402
 from poetry.model import is_prompt_learning, load_model, load_tokenizer, with_saved_adapter  # noqa: E402
@@ -287,13 +292,19 @@ def _dtype(requested: str, device: str) -> str:
     return choice.value
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer) from --model, --dtype, the quantization flags and --adapter, in eval mode."""
+def _quantization(args: argparse.Namespace) -> str:
+    if getattr(args, "load_in_4bit", False):
+        return "4bit"
+    return "8bit" if getattr(args, "load_in_8bit", False) else "none"
+
+
+def _load(args: argparse.Namespace, merge: bool = True):
+    """(model, tokenizer) from --model, --dtype, the quantization flags and --adapter, in eval mode; the adapter
+    merged unless --no-merge or not `merge` (see _merged_for_inference)."""
     path = resolve_model_path(args.model, key="--model")
     device = default_device()
     dtype = _dtype(args.dtype, device)
-    quantization = "4bit" if getattr(args, "load_in_4bit", False) else (
-        "8bit" if getattr(args, "load_in_8bit", False) else "none")
+    quantization = _quantization(args)
     tokenizer = load_tokenizer(path)
     model = load_model(ModelConfig(path=path, dtype=dtype, quantization=quantization), device, for_training=False)
     if quantization == "none":  # quantized weights are placed on the device while loading
@@ -302,19 +313,26 @@ def _load(args: argparse.Namespace):
         adapter = resolve_adapter(args.adapter)
         print(f"adapter: {adapter}", flush=True)
         model = with_saved_adapter(model, adapter)
-        if not getattr(args, "no_merge", True):  # `merge` merges and saves by itself
-            model = _merged_for_inference(model, quantization)
+        if merge:
+            model = _merged_for_inference(model, args)
     return model.eval(), tokenizer
 
 
-def _merged_for_inference(model, quantization: str):
+def _merged_for_inference(model, args: argparse.Namespace, picked: bool = False):
     """A LoRA or IA3 adapter folded into an unquantized base: an unmerged LoRA made each decoding step of
     Gemma-3-270M 1.4-1.7x as long as the base's. The in-loop evaluation never merges: a bf16 base would drift with
-    each merge and unmerge. Other adapters stay apart, and the reason is printed."""
+    each merge and unmerge. Nor does serve when its choice reads the base model (likelihood_pmi_channel), unless the
+    letters are `picked` already (predict). Other adapters stay apart, and the reason is printed. `merge` merges
+    and saves by itself."""
+    if getattr(args, "no_merge", True) or not args.adapter:
+        return model
+    quantization = _quantization(args)
     if is_prompt_learning(model):
         reason = "its virtual tokens come before every prompt"
     elif quantization != "none":
         reason = f"the base is quantized ({quantization}): merging would round the adapter into it"
+    elif getattr(args, "choose", None) == "likelihood_pmi_channel" and not picked:
+        reason = "likelihood_pmi_channel scores each poem with the base model, the adapter switched off"
     else:
         print("adapter: merged into the base for inference (--no-merge keeps it apart)", flush=True)
         return model.merge_and_unload()
@@ -358,13 +376,18 @@ class _Progress:
 
 def _predict(args: argparse.Namespace) -> int:
     questions = load_questions(args.input).records  # before the model: bad input fails in a second
-    model, tokenizer = _load(args)
+    model, tokenizer = _load(args, merge=False)
     fmt = PromptFormat(tokenizer, system_prompt=args.system_prompt)
     with _Progress(len(questions), f"{args.decode} decoding") as progress:
         if args.decode == "constrained":
-            result = answer_questions(model, fmt, questions, args.batch_size, args.max_new_tokens, progress.advance,
-                                      args.choose, args.choose_prior_weight, args.draft_tokens)
+            # the letters before merging: likelihood_pmi_channel reads the base model, which a merge does away with
+            pick = letter_pick(model, fmt, questions, args.choose, args.max_new_tokens, args.batch_size,
+                               args.choose_prior_weight, args.choose_channel_weight)
+            model = _merged_for_inference(model, args, picked=True)
+            result = decode_constrained(model, fmt, questions, args.batch_size, args.max_new_tokens,
+                                        progress.advance, pick, args.draft_tokens)
         else:
+            model = _merged_for_inference(model, args)
             result = decode_free(model, fmt, questions, args.batch_size, args.max_new_tokens, progress.advance)
     if args.decode == "constrained":
         answers, note = [decoded.answer for decoded in result], ""
@@ -536,7 +559,8 @@ def _answers(model, fmt: PromptFormat, args: argparse.Namespace, questions: list
     """The answers predict writes for `questions`, in order."""
     return [decoded.answer for decoded in answer_questions(model, fmt, questions, args.max_batch,
                                                            args.max_new_tokens, None, args.choose,
-                                                           args.choose_prior_weight, args.draft_tokens)]
+                                                           args.choose_prior_weight, args.choose_channel_weight,
+                                                           args.draft_tokens)]
 
 
 def _poems(model, fmt: PromptFormat, args: argparse.Namespace, requests: list, n: int, tones: str, rhyme,

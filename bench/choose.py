@@ -56,7 +56,8 @@ FOLD_DONE_FILE = "choose-fold.json"
 NO_VALENCE = "none"
 HALF_OF_VALENCE = {"positive": "cheerful", "calm": "cheerful", "negative": "sorrowful"}
 METHODS = typing.get_args(ChoiceMethod)
-DERIVED_METHODS = ("likelihood", "likelihood_norm", "likelihood_pmi")  # from one scoring of the options
+# from one scoring of the options (and of their priors and channel scores)
+DERIVED_METHODS = ("likelihood", "likelihood_norm", "likelihood_pmi", "likelihood_pmi_channel")
 # run in the builder's tree: the held-out questions of a config under each list of overrides (a JSON list of
 # lists), as JSON: the held-out poems' count, and their questions that have options
 HELD_OUT = """
@@ -125,9 +126,9 @@ def half_accuracies(questions: list, gold: list[str], letters: list[str]) -> dic
 
 
 def accuracy_row(label: str, questions: list, gold: list[str], letters: list[str]) -> dict:
-    method, weight = method_of(label)
+    method, weight, channel_weight = method_of(label)
     right = sum(a == b for a, b in zip(letters, gold, strict=True))
-    return {"method": method, "prior_weight": weight, **accuracy(right, len(gold)),
+    return {"method": method, "prior_weight": weight, "channel_weight": channel_weight, **accuracy(right, len(gold)),
             "letters": dict(sorted(Counter(letters).items())), "halves": half_accuracies(questions, gold, letters),
             "valence": valence_confusion(questions, gold, letters)}
 
@@ -142,30 +143,41 @@ def mean_over_folds(fold_rows: list[list[dict]]) -> list[dict]:
     def mean(parts: list[dict]) -> dict:
         return {"accuracy": sum(part["accuracy"] for part in parts) / len(parts)}
 
-    return [{"method": rows[0]["method"], "prior_weight": rows[0]["prior_weight"], **mean(rows),
+    return [{"method": rows[0]["method"], "prior_weight": rows[0]["prior_weight"],
+             "channel_weight": rows[0]["channel_weight"], **mean(rows),
              "halves": {half: mean([row["halves"][half] for row in rows]) for half in rows[0]["halves"]}}
             for rows in zip(*fold_rows, strict=True)]
 
 
-def row_labels(methods: list[str], prior_weights: list[float]) -> list[str]:
-    """A row per method, and per λ of likelihood_pmi: `likelihood_pmi λ=0.5`."""
-    return [label for method in methods
-            for label in ([f"{method} λ={w:g}" for w in prior_weights] if method == "likelihood_pmi" else [method])]
+def row_labels(methods: list[str], prior_weights: list[float], channel_weights: list[float]) -> list[str]:
+    """A row per method, per λ of the PMI methods and per β of likelihood_pmi_channel: `likelihood_pmi λ=0.5`,
+    `likelihood_pmi_channel λ=0.5 β=0.3`."""
+    def labels(method: str) -> list[str]:
+        if method == "likelihood_pmi":
+            return [f"{method} λ={w:g}" for w in prior_weights]
+        if method == "likelihood_pmi_channel":
+            return [f"{method} λ={w:g} β={b:g}" for w in prior_weights for b in channel_weights]
+        return [method]
+
+    return [label for method in methods for label in labels(method)]
 
 
-def method_of(label: str) -> tuple[str, float | None]:
-    """(method, λ or None) of a row label."""
-    method, _, weight = label.partition(" λ=")
-    return method, float(weight) if weight else None
+def method_of(label: str) -> tuple[str, float | None, float | None]:
+    """(method, λ or None, β or None) of a row label."""
+    method, *weights = label.split(" ")
+    named = {name: float(value) for name, value in (weight.split("=") for weight in weights)}
+    return method, named.get("λ"), named.get("β")
 
 
 def likelihood_letters(questions: list, logliks: list[dict[str, float]], priors: dict[str, float], method: str,
-                       prior_weight: float | None) -> list[str]:
+                       prior_weight: float | None, channel: list[dict[str, float]] | None = None,
+                       channel_weight: float | None = None) -> list[str]:
     """The letters poetry.choice.letter_pick's likelihood modes pick, from option scores computed once for all of
     them: letter_pick scores every option again per method and λ, five passes over the questions instead of one."""
     from poetry.choice import likelihood_scores
 
-    scores = likelihood_scores(questions, logliks, priors, method, prior_weight if prior_weight is not None else 1.0)
+    scores = likelihood_scores(questions, logliks, priors, method, 1.0 if prior_weight is None else prior_weight,
+                               channel, 1.0 if channel_weight is None else channel_weight)
     return [max(per, key=per.get) for per in scores]
 
 
@@ -182,11 +194,13 @@ def pick_letters(model, fmt, questions: list, labels: list[str], batch_size: int
         logliks = choice.option_logliks(model, fmt, questions, batch_size)
         priors = choice.option_priors(model, fmt, [text for q in questions for text in q.choose.values()],
                                       batch_size)
+    channel = choice.option_channel_logliks(model, fmt, questions, batch_size) \
+        if "likelihood_pmi_channel" in methods else None
     picks = {}
     for label in labels:
-        method, weight = method_of(label)
+        method, weight, channel_weight = method_of(label)
         if method in DERIVED_METHODS:
-            picks[label] = likelihood_letters(questions, logliks, priors, method, weight)
+            picks[label] = likelihood_letters(questions, logliks, priors, method, weight, channel, channel_weight)
         else:
             pick = choice.letter_pick(model, fmt, questions, method, max_new_tokens, batch_size)
             picks[label] = [pick(i, d.option_logprobs) for i, d in enumerate(decoded)]
@@ -234,7 +248,7 @@ class Scorer:
         self.args, self.dtype = args, autocast_dtype(args.dtype).value
         self.path = resolve_model_path(args.model)
         self.fmt = PromptFormat(load_tokenizer(self.path))
-        self.labels = row_labels(args.methods, args.prior_weights)
+        self.labels = row_labels(args.methods, args.prior_weights, args.channel_weights)
 
     def picks(self, question_sets: list[list], adapter: str | Path | None = None) -> list[dict[str, list[str]]]:
         """Each row label's letters for each set of questions (an empty set: no model run), one model load for all."""
@@ -244,7 +258,9 @@ class Scorer:
 
 
 def row_name(row: dict) -> str:
-    return row["method"] + (f" λ={row['prior_weight']:g}" if row["prior_weight"] is not None else "")
+    weights = [f"{name}={row[key]:g}" for name, key in (("λ", "prior_weight"), ("β", "channel_weight"))
+               if row.get(key) is not None]
+    return " ".join([row["method"], *weights])
 
 
 def print_rows(title: str, rows: list[dict], gold: list[str], questions: list) -> None:
@@ -391,14 +407,18 @@ def methods(text: str) -> list[str]:
     return chosen
 
 
-def prior_weights(text: str) -> list[float]:
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-    if not all(0 <= w <= 2 for w in weights):
-        raise argparse.ArgumentTypeError(f"each λ must be in [0, 2], as eval.choose_prior_weight, got {text!r}")
-    return weights
+def weights_in(name: str, key: str):
+    """An argparse type: numbers separated by commas, each in [0, 2] as eval.`key`."""
+    def parse(text: str) -> list[float]:
+        try:
+            weights = [float(w) for w in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+        if not all(0 <= w <= 2 for w in weights):
+            raise argparse.ArgumentTypeError(f"each {name} must be in [0, 2], as eval.{key}, got {text!r}")
+        return weights
+
+    return parse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -424,8 +444,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", type=methods, default=list(METHODS),
                         help="the poetry.choice methods to score, separated by commas (default: all). The letter "
                              "methods decode every answer first, several times the likelihood methods' cost")
-    parser.add_argument("--prior-weights", type=prior_weights, default=[0.0, 0.5, 1.0],
-                        help="likelihood_pmi's λ values, one row each (default: 0,0.5,1)")
+    parser.add_argument("--prior-weights", type=weights_in("λ", "choose_prior_weight"), default=[0.0, 0.5, 1.0],
+                        help="the PMI methods' λ values, one row each (default: 0,0.5,1)")
+    parser.add_argument("--channel-weights", type=weights_in("β", "choose_channel_weight"), default=[0.3],
+                        help="likelihood_pmi_channel's β values, one row each with each λ (default: 0.3)")
     parser.add_argument("--label", default="", help="what the rows are, e.g. zero-shot, new distractors")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="budget of each value, as eval.max_new_tokens")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -468,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     results = run_folds(args) if args.folds else run_single(args)
     saved = write_results(args.name, {"label": args.label, "model": args.model, "prior_weights": args.prior_weights,
+                                      "channel_weights": args.channel_weights,
                                       "max_new_tokens": args.max_new_tokens, **results}, args.results_dir)
     print(f"saved {saved}")
 

@@ -18,7 +18,8 @@ forwards per value token, the mean number of drafts accepted per verification, a
 prompts' prefill, the forwards of forced runs alone, those in which a row is due a value's token (with their drafts'
 verification, and other rows' forced runs since the engine packs them together) and, inside all three, the output
 layer. --options adds a row for the likelihood modes' option scoring (poetry.choice: the options of every
-question and their priors, batched across questions); --options-baseline times another version of poetry/choice.py's
+question and their priors, batched across questions) and one for likelihood_pmi_channel's channel term (the poem
+after each option, by the base model); --options-baseline times another version of poetry/choice.py's
 option scoring beside it, their scores compared.
 
 --baseline times an older decoder interleaved with the current one: `git worktree add /tmp/old-decode HEAD` (or
@@ -61,6 +62,7 @@ from poetry.quiet import quiet_libraries  # noqa: E402
 
 FREE, CONSTRAINED, NAIVE, OPTIONS = ("free: generate + parser", "constrained", "naive (no cache)",
                                     "option scoring (likelihood modes)")
+CHANNEL = "channel scoring (likelihood_pmi_channel)"
 MERGED = ", merged"  # a constrained row's name ends so when it ran on the merged model (--also-merged)
 # what parse_free_answer repairs, by the property of the answer text it shows missing
 LACKS = {"valid": {"invalid_json", "fence", "think"}, "non_empty": {"missing_value"},
@@ -83,6 +85,10 @@ def scored_options(module: ModuleType, model, fmt, questions, batch_size: int) -
     logliks = module.option_logliks(model, fmt, questions, batch_size)
     priors = module.option_priors(model, fmt, [text for q in questions for text in q.choose.values()], batch_size)
     return [score for per in logliks for score in per.values()] + [priors[text] for text in sorted(priors)]
+
+
+def channel_scores(model, fmt, questions, batch_size: int) -> list[float]:
+    return [score for per in choice.option_channel_logliks(model, fmt, questions, batch_size) for score in per.values()]
 
 
 def score_difference(scores: list[float], reference: list[float]) -> float:
@@ -246,6 +252,7 @@ def main() -> None:
         methods[NAIVE] = lambda: decode.decode_naive(model, fmt, questions, args.max_new_tokens)
     if args.options:
         methods[OPTIONS] = functools.partial(scored_options, choice, model, fmt, questions, args.batch_size)
+        methods[CHANNEL] = functools.partial(channel_scores, model, fmt, questions, args.batch_size)
     if args.options_baseline:
         old_choice = load_baseline(args.options_baseline, "choice")
         methods[f"{OPTIONS}, baseline {args.options_baseline}"] = functools.partial(
@@ -255,8 +262,8 @@ def main() -> None:
     results = {}
     for name, seconds in times.items():
         results[name] = {"seconds": seconds, "seconds_per_question": statistics.median(seconds) / len(questions)}
-        if name.startswith(OPTIONS):
-            if name != OPTIONS:
+        if name.startswith(OPTIONS) or name == CHANNEL:
+            if name.startswith(f"{OPTIONS}, baseline"):
                 results[name]["max_score_difference"] = score_difference(outputs[name], outputs[OPTIONS])
             continue
         texts = ([item.text for item in outputs[name]] if name == FREE

@@ -21,7 +21,8 @@ from .builtin import BUILTIN_PREFIX, check_local_model
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 # how choose_id is picked: poetry.choice
-ChoiceMethod = Literal["letter", "letter_calibrated", "likelihood", "likelihood_norm", "likelihood_pmi"]
+ChoiceMethod = Literal["letter", "letter_calibrated", "likelihood", "likelihood_norm", "likelihood_pmi",
+                       "likelihood_pmi_channel"]
 
 
 class ConfigError(ValueError):
@@ -167,11 +168,13 @@ class EvalConfig:
     # in fp32, 1.08x in bf16, zero-shot 1.35x in bf16; 3 no faster. bf16 rounds a wider forward differently, so an
     # answer may differ from plain decoding's there
     draft_tokens: int = 2
-    # how choose_id is picked (poetry.choice): PMI at λ 0.5 measured best by cross-validation, zero-shot and
-    # fine-tuned (README, Choosing the emotion)
-    choose: ChoiceMethod = "likelihood_pmi"
+    # how choose_id is picked (poetry.choice): PMI at λ 0.5 plus the base model's channel score at β 0.3, measured
+    # best by cross-validation, zero-shot and fine-tuned (README, Choosing the emotion)
+    choose: ChoiceMethod = "likelihood_pmi_channel"
     # likelihood_pmi's λ: how much of each option's likelihood after the cue alone (its prior) is taken away
     choose_prior_weight: float = 0.5
+    # likelihood_pmi_channel's β: the weight of log P(poem | option) by the base model, added to the PMI score
+    choose_channel_weight: float = 0.3
     bertscore_model: str = ""  # local BERT directory; empty = BERTScore off in the loop
     bertscore_layer: int = 8
     best_metric: str = "val/loss"  # which logged metric picks the best checkpoint
@@ -331,6 +334,9 @@ def validate(config: Config, device: str = "cpu", processes: int = 1) -> None:
     if not 0 <= config.eval.choose_prior_weight <= 2:
         raise ConfigError(f"eval.choose_prior_weight: must be in [0, 2] (0: likelihood_norm; 1: PMI), got "
                           f"{config.eval.choose_prior_weight}")
+    if not 0 <= config.eval.choose_channel_weight <= 2:
+        raise ConfigError(f"eval.choose_channel_weight: must be in [0, 2] (0: likelihood_pmi), got "
+                          f"{config.eval.choose_channel_weight}")
     if t.choice_loss_weight < 0:
         raise ConfigError(f"train.choice_loss_weight: must be 0 (off) or positive, got {t.choice_loss_weight}")
     if t.choice_loss_weight and not config.data.emotion_examples:

@@ -28,6 +28,11 @@ The emotion prompt (`emotion_prompt_ids`) is the poem's lines alone, ending in `
 poetry.choice scores each option's text, and which an emotion example (data.emotion_examples) trains, its target
 being the right option's text and the end of the turn.
 
+The channel pair (`channel_ids`) turns the emotion question around, as noisy-channel classification does (Min et
+al., ACL 2022): `CHANNEL_HEAD` naming an option, then the poem's title and text, whose likelihood poetry.choice
+scores. It is plain text with the tokenizer's own leading tokens, with or without a chat template: what is scored is
+how well the option explains the poem's text, not a reply.
+
 The writing prompt (`writing_prompt_ids`, data.writing_examples) is a user message `写一首<form>，题为《<title>》。`
 (`写一首<form>。` without a title), answered as a question is; its target is the poem, whitespace removed, and the
 end of the turn.
@@ -46,6 +51,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 PLAIN_ANSWER_CUE = "\n\n答案："
 EMOTION_CUE = "这首诗表达的情感是："
+CHANNEL_HEAD = "这首诗表达了{option}。\n"
 _NUMERALS = "一二三"
 _FORMAT_HINT = ('请只输出一个 JSON 对象，格式为：{"ans_qa_words": {"词语": "解释"}, '
                 '"ans_qa_sents": {"句子": "译文"}, "choose_id": "选项字母"}')
@@ -165,6 +171,12 @@ class PromptFormat:
             return _ids(self.tokenizer.apply_chat_template(
                 self._messages(text), add_generation_prompt=True, tokenize=True, enable_thinking=False))
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def channel_ids(self, question: Question, option: str) -> tuple[list[int], list[int]]:
+        """(a sentence naming `option`, the poem's title and text after it): the poem's ids are what is scored."""
+        head = self.tokenizer(CHANNEL_HEAD.format(option=option), add_special_tokens=True)["input_ids"]
+        poem = f"{question.title}\n{question.content}" if question.title else question.content
+        return head, self.text_ids(poem)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """A conversation (`{"role": "system"|"user"|"assistant", "content": text}` turns) rendered as training

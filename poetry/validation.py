@@ -119,7 +119,8 @@ class Validator:
         with self.autocast(), self.parallel.whole_model(loss_module):
             decoded = answer_questions(model, self.fmt, [e.question for e in examples], self.cfg.batch_size,
                                        self.cfg.max_new_tokens, self.heartbeat("validation decoding", len(examples)),
-                                       self.cfg.choose, self.cfg.choose_prior_weight, self.cfg.draft_tokens)
+                                       self.cfg.choose, self.cfg.choose_prior_weight,
+                                       self.cfg.choose_channel_weight, self.cfg.draft_tokens)
         items = score_answers([e.answer for e in examples], [d.answer for d in decoded], self.bertscore).items
         words = [a for item in items for a in item.words]
         sents = [a for item in items for a in item.sents]

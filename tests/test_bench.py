@@ -10,6 +10,9 @@ import pytest
 
 from conftest import ROOT, SAMPLE
 
+sys.path.insert(0, str(ROOT))
+from bench.choose import row_name  # noqa: E402
+
 
 def run(script: str, *args: str) -> str:
     result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--repeats", "1", *args],
@@ -64,6 +67,7 @@ def test_decode_benchmark_gives_identical_answers_in_fp32_and_saves_the_numbers(
     assert {name: len(result["seconds"]) for name, result in results.items()} == dict.fromkeys(results, 1)
     options = results["option scoring (likelihood modes)"]
     assert "seconds" in options and "quality" not in options
+    assert "seconds" in results["channel scoring (likelihood_pmi_channel)"]
     baseline = f"option scoring (likelihood modes), baseline {ROOT / 'poetry' / 'choice.py'}"
     assert results[baseline]["max_score_difference"] < 1e-4  # the same module: the same scores
     plain, drafted = results["constrained"]["cost"], results["constrained, 2 draft tokens"]["cost"]
@@ -111,7 +115,8 @@ def test_memory_benchmark_sets_the_estimate_against_a_measured_peak(tiny_model_d
 
 
 CHOOSE_LABELS = ["letter", "letter_calibrated", "likelihood", "likelihood_norm", "likelihood_pmi λ=0",
-                 "likelihood_pmi λ=0.5", "likelihood_pmi λ=1"]
+                 "likelihood_pmi λ=0.5", "likelihood_pmi λ=1", "likelihood_pmi_channel λ=0 β=0.3",
+                 "likelihood_pmi_channel λ=0.5 β=0.3", "likelihood_pmi_channel λ=1 β=0.3"]
 
 
 def choose(*args: str) -> subprocess.CompletedProcess:
@@ -119,10 +124,6 @@ def choose(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "bench" / "choose.py"), "--max-new-tokens", "2", "--dtype",
                            "fp32", *args], capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def row_name(row: dict) -> str:
-    return row["method"] + (f" λ={row['prior_weight']:g}" if row["prior_weight"] is not None else "")
 
 
 def assert_row(row: dict, questions: int) -> None:
@@ -154,6 +155,7 @@ def test_choose_benchmark_scores_only_the_methods_asked(tiny_model_dir, tmp_path
     args = bench_choose.parse_args(["--model", str(tiny_model_dir), "--questions", "data/sample/eval.json", "--gold",
                                     "data/sample/eval_gold.json", "--methods", "likelihood_norm,likelihood_pmi",
                                     "--prior-weights", "0.5", "--dtype", "fp32", "--max-new-tokens", "2"])
+    monkeypatch.setattr("poetry.choice.option_channel_logliks", lambda *a: pytest.fail("channel scores for no method"))
     rows = bench_choose.run_single(args)["rows"]
     assert [row_name(row) for row in rows] == ["likelihood_norm", "likelihood_pmi λ=0.5"]
     with pytest.raises(SystemExit):
@@ -219,13 +221,17 @@ def test_choose_benchmark_derives_the_likelihood_picks_as_letter_pick_does(tiny_
     model = load_model(ModelConfig(path=str(tiny_model_dir), dtype="fp32"), for_training=False)
     logliks = choice.option_logliks(model, fmt, questions)
     priors = choice.option_priors(model, fmt, [text for q in questions for text in q.choose.values()])
+    channel = choice.option_channel_logliks(model, fmt, questions)
     derived = {}
-    for method, weight in [("likelihood", None), ("likelihood_norm", None), ("likelihood_pmi", 0.0),
-                           ("likelihood_pmi", 0.5), ("likelihood_pmi", 1.0)]:
-        pick = choice.letter_pick(model, fmt, questions, method, 2, prior_weight=weight if weight is not None else 1)
-        derived[method, weight] = likelihood_letters(questions, logliks, priors, method, weight)
-        assert derived[method, weight] == [pick(i, {}) for i in range(len(questions))], (method, weight)
-    assert len(set(map(tuple, derived.values()))) >= 3  # the methods pick apart, so each comparison tells
+    for method, weight, beta in [("likelihood", None, None), ("likelihood_norm", None, None),
+                                 ("likelihood_pmi", 0.0, None), ("likelihood_pmi", 0.5, None),
+                                 ("likelihood_pmi", 1.0, None), ("likelihood_pmi_channel", 0.5, 0.3),
+                                 ("likelihood_pmi_channel", 0.5, 2.0)]:
+        pick = choice.letter_pick(model, fmt, questions, method, 2, prior_weight=1 if weight is None else weight,
+                                  channel_weight=1 if beta is None else beta)
+        derived[method, weight, beta] = likelihood_letters(questions, logliks, priors, method, weight, channel, beta)
+        assert derived[method, weight, beta] == [pick(i, {}) for i in range(len(questions))], (method, weight, beta)
+    assert len(set(map(tuple, derived.values()))) >= 4  # the methods pick apart, so each comparison tells
 
 
 def hand_made(gold: list[str], picks: list[str]):

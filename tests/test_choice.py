@@ -1,6 +1,6 @@
-"""Picking choose_id: option likelihoods equal a plain full-sequence computation in every family; a model trained to
-prefer an option gets it picked; calibration and length normalisation do what they say; the answer's format and
-values do not depend on the method."""
+"""Picking choose_id: option likelihoods and channel scores equal a plain full-sequence computation in every family;
+a model trained to prefer an option gets it picked; calibration, length normalisation, PMI and the channel term do
+what they say; the answer's format and values do not depend on the method."""
 import copy
 from dataclasses import replace
 
@@ -100,6 +100,46 @@ def test_pmi_takes_each_options_prior_away_per_character(family_models, fmt, sam
     assert pick("likelihood_pmi") == "B"  # (-3 + 6) / 2 = 1.5 against A's (-4 + 2) / 4 = -0.5
     assert pick("likelihood_pmi", 0.0) == pick("likelihood_norm")
     assert pick("likelihood_pmi", 0.1) == "A"  # (-4 + 0.2) / 4 = -0.95 against B's (-3 + 0.6) / 2 = -1.2
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_channel_scores_equal_the_full_sequence_computation(family_models, fmt, sample_questions, arch):
+    """log P(title and poem | a sentence naming the option), four rows of different contexts and one long
+    continuation each, several questions' rows in one forward; Gemma's window (24 slots) is shorter than the poem."""
+    model = family_models[arch]
+    asked = [*sample_questions[:2], replace(sample_questions[1], choose={}), replace(sample_questions[0], title="")]
+    got = choice.option_channel_logliks(model, fmt, asked, batch_size=2)
+    assert got[2] == {} and len(got) == len(asked)
+    with torch.no_grad():
+        for question, scores in zip(asked, got, strict=True):
+            for letter, text in question.choose.items():
+                head, poem = fmt.channel_ids(question, text)
+                assert len(poem) > 24
+                logits = model(input_ids=torch.tensor([head + poem])).logits[0].float().log_softmax(-1)
+                expected = sum(float(logits[len(head) - 1 + i, t]) for i, t in enumerate(poem))
+                assert scores[letter] == pytest.approx(expected, abs=1e-4)
+    assert len({round(s, 3) for s in got[0].values()}) == 4  # each option explains the poem differently
+    assert fmt.channel_ids(asked[3], "喜悦")[1] == fmt.text_ids(asked[3].content)  # no title: the poem alone
+
+
+def test_pmi_channel_adds_the_weighted_channel_score_to_pmi(family_models, fmt, sample_questions, monkeypatch):
+    """(log P(o | poem, cue) - λ log P(o | cue)) / characters + β log P(poem | o): the option that explains the poem
+    best can overturn PMI's pick."""
+    question = replace(sample_questions[0], choose={"A": "思乡之情", "B": "喜悦", "C": "孤独寂寞", "D": "闲适"})
+    monkeypatch.setattr(choice, "option_logliks", lambda *args: [{"A": -4.0, "B": -3.0, "C": -6.0, "D": -5.0}])
+    monkeypatch.setattr(choice, "option_priors",
+                        lambda *args: {"思乡之情": -2.0, "喜悦": -6.0, "孤独寂寞": -3.0, "闲适": -4.0})
+    monkeypatch.setattr(choice, "option_channel_logliks",
+                        lambda *args: [{"A": -100.0, "B": -110.0, "C": -104.0, "D": -120.0}])
+    model = family_models["qwen3"]
+
+    def pick(channel_weight):
+        return letter_pick(model, fmt, [question], "likelihood_pmi_channel", 4, prior_weight=1.0,
+                           channel_weight=channel_weight)(0, {})
+
+    assert pick(0.0) == letter_pick(model, fmt, [question], "likelihood_pmi", 4)(0, {}) == "B"  # 1.5 against -0.5
+    assert pick(0.1) == "B"  # 1.5 - 11 = -9.5 against A's -0.5 - 10 = -10.5
+    assert pick(0.3) == "A"  # -0.5 - 30 = -30.5 against B's 1.5 - 33 = -31.5
 
 
 def trained_to_prefer(model, fmt, question: Question, letter: str, steps: int = 25):

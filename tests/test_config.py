@@ -32,6 +32,7 @@ def test_yaml_then_overrides(tmp_path):
     ("data.fold=2", "data.fold=2: a held-out fold needs data.folds (at least 2)"),
     ("eval.draft_tokens=-1", "eval.draft_tokens: must be 0 (off) or positive, got -1"),
     ("eval.choose_prior_weight=-0.5", "eval.choose_prior_weight: must be in [0, 2] (0: likelihood_norm; 1: PMI)"),
+    ("eval.choose_channel_weight=2.5", "eval.choose_channel_weight: must be in [0, 2] (0: likelihood_pmi), got 2.5"),
     ("train=3", "train: expected a section (mapping), got 3"),
     ("train.lr", "must look like section.key=value"),
 ])

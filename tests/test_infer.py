@@ -50,25 +50,26 @@ def test_predict_writes_a_valid_submission_in_order(tiny_model_dir, tmp_path, ca
     assert "wrote 14 answers" in printed.out and "constrained decoding" in printed.out
 
 
-def test_pmi_choice_its_prior_weight_and_the_drafts_reach_the_decoder(tiny_model_dir, few_questions, tmp_path,
-                                                                     capsys, monkeypatch):
-    answer_questions, asked = infer.answer_questions, []
-
-    def spying(*args):
-        asked.append(args[-3:])
-        return answer_questions(*args)
-
-    monkeypatch.setattr(infer, "answer_questions", spying)
+def test_the_choice_its_weights_and_the_drafts_reach_the_decoder(tiny_model_dir, few_questions, tmp_path, capsys,
+                                                                 monkeypatch):
+    letter_pick, decode_constrained, asked = infer.letter_pick, infer.decode_constrained, []
+    monkeypatch.setattr(infer, "letter_pick", lambda *args: asked.append(args[3:4] + args[-2:]) or letter_pick(*args))
+    monkeypatch.setattr(infer, "decode_constrained",
+                        lambda *args: asked.append(args[-1:]) or decode_constrained(*args))
     out = tmp_path / "submission.json"
     code, printed = run(capsys, "--model", tiny_model_dir, "--input", few_questions, "--output", out,
-                        "--max-new-tokens", 2, "--choose", "likelihood_pmi", "--choose-prior-weight", 0.5,
-                        "--draft-tokens", 3)
-    assert code == 0 and asked == [("likelihood_pmi", 0.5, 3)]
+                        "--max-new-tokens", 2, "--choose", "likelihood_pmi_channel", "--choose-prior-weight", 0.5,
+                        "--choose-channel-weight", 0.7, "--draft-tokens", 3)
+    assert code == 0 and asked == [("likelihood_pmi_channel", 0.5, 0.7), (3,)]
     check_submission(load_questions(few_questions).records, load_answers(out), str(out))
     with pytest.raises(SystemExit):
         infer.main(["--model", str(tiny_model_dir), "--input", str(few_questions), "--output", str(out),
                     "--choose-prior-weight", "3"])
     assert "--choose-prior-weight: must be in [0, 2], got 3.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        infer.main(["--model", str(tiny_model_dir), "--input", str(few_questions), "--output", str(out),
+                    "--choose-channel-weight", "-1"])
+    assert "--choose-channel-weight: must be in [0, 2], got -1.0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         infer.main(["--model", str(tiny_model_dir), "--input", str(few_questions), "--output", str(out),
                     "--draft-tokens", "-1"])
@@ -97,8 +98,10 @@ def test_free_decoding_writes_a_valid_submission_and_counts_repairs(tiny_model_d
 
 def test_merged_model_answers_like_base_plus_adapter(tiny_model_dir, adapter_dir, few_questions, tmp_path, capsys):
     # fp32: on a CPU with native bf16, auto would round the merged weights to bf16, and a random tiny model's
-    # near-tied logits then pick other tokens than base + adapter (on 2026-12-01's Intel avx512_bf16 machine)
-    common = ("--input", few_questions, "--max-new-tokens", 4, "--batch-size", 2, "--dtype", "fp32")
+    # near-tied logits then pick other tokens than base + adapter (on 2026-12-01's Intel avx512_bf16 machine).
+    # Not likelihood_pmi_channel: a merged model has no base left for its channel term to read
+    common = ("--input", few_questions, "--max-new-tokens", 4, "--batch-size", 2, "--dtype", "fp32", "--choose",
+              "likelihood_pmi")
     assert run(capsys, "--model", tiny_model_dir, "--output", tmp_path / "base.json", *common)[0] == 0
     assert run(capsys, "--model", tiny_model_dir, "--adapter", adapter_dir, "--output", tmp_path / "lora.json",
                *common)[0] == 0
@@ -113,19 +116,24 @@ def test_merged_model_answers_like_base_plus_adapter(tiny_model_dir, adapter_dir
 
 def test_an_adapter_is_merged_at_load_unless_no_merge_and_answers_alike(tiny_model_dir, adapter_dir, few_questions,
                                                                           tmp_path, capsys, monkeypatch):
+    """predict picks the letters with the adapter apart (the channel score reads the base model), then merges and
+    decodes."""
     from peft import PeftModel
 
-    answer_questions, models = infer.answer_questions, []
-    monkeypatch.setattr(infer, "answer_questions", lambda model, *args: models.append(model) or answer_questions(
+    letter_pick, decode_constrained, models = infer.letter_pick, infer.decode_constrained, []
+    monkeypatch.setattr(infer, "letter_pick", lambda model, *args: models.append(("pick", model)) or letter_pick(
         model, *args))
+    monkeypatch.setattr(infer, "decode_constrained", lambda model, *args: models.append(("decode", model)) or
+                        decode_constrained(model, *args))
     common = ("--model", tiny_model_dir, "--adapter", adapter_dir, "--input", few_questions, "--max-new-tokens", 4,
               "--dtype", "fp32")
     code, merged = run(capsys, *common, "--output", tmp_path / "merged.json")
     assert code == 0 and "adapter: merged into the base for inference" in merged.out
     code, apart = run(capsys, *common, "--output", tmp_path / "apart.json", "--no-merge")
     assert code == 0 and "merged into the base" not in apart.out
-    assert not isinstance(models[0], PeftModel) and isinstance(models[1], PeftModel)
-    assert models[0].get_input_embeddings().weight.dtype == torch.float32
+    assert [(step, isinstance(model, PeftModel)) for step, model in models] == \
+        [("pick", True), ("decode", False), ("pick", True), ("decode", True)]
+    assert models[1][1].get_input_embeddings().weight.dtype == torch.float32
     assert load_answers(tmp_path / "merged.json") == load_answers(tmp_path / "apart.json")
     printed = [run(capsys, "perplexity", "--model", tiny_model_dir, "--adapter", adapter_dir, "--input", EVAL, "--gold",
                    SAMPLE / "eval_gold.json", "--dtype", "fp32", *flag)[1].out for flag in ((), ("--no-merge",))]
@@ -296,3 +304,15 @@ def test_perplexity_refuses_gold_that_does_not_answer_the_questions(tiny_model_d
                         "--gold", SAMPLE / "eval_gold.json", "--dtype", "fp32", "--batch-size", 4)
     assert code == 0 and re.search(r"perplexity [\d.]+: mean loss [\d.]+ per target token over \d+ target tokens of "
                                    r"14 gold answers", printed.out)
+
+
+def test_serve_keeps_the_adapter_apart_when_its_choice_reads_the_base_model(tiny_model_dir, adapter_dir, capsys):
+    from peft import PeftModel
+
+    common = ["serve", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--dtype", "fp32"]
+    model, _ = infer._load(infer._parse(common))  # the default choice, likelihood_pmi_channel
+    assert isinstance(model, PeftModel)
+    assert "kept apart from the base, likelihood_pmi_channel scores each poem with the base model" in \
+        capsys.readouterr().out
+    model, _ = infer._load(infer._parse([*common, "--choose", "likelihood_pmi"]))
+    assert not isinstance(model, PeftModel) and "merged into the base" in capsys.readouterr().out

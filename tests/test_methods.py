@@ -253,3 +253,22 @@ def test_virtual_tokens_are_none_for_methods_without_them(tiny_model_dir):
         assert VirtualTokens.of(trained(tiny_model_dir, method)) is None
     virtual = VirtualTokens.of(trained(tiny_model_dir, "prefix_tuning"))
     assert virtual.length == VIRTUAL and virtual.prefix and len(virtual.kv()) == 2
+
+
+@pytest.mark.parametrize("method", METHODS[:-1])
+def test_the_channel_score_reads_the_base_model_and_leaves_the_adapter_on(tiny_model_dir, tokenizer, questions,
+                                                                          method):
+    """likelihood_pmi_channel's channel term is the base model's whatever the adapter (switched off, or the base
+    under virtual tokens), and the adapter answers again right after."""
+    from poetry.choice import option_channel_logliks
+
+    fmt = PromptFormat(tokenizer)
+    model = trained(tiny_model_dir, method)
+    plain = load_model(ModelConfig(path=str(tiny_model_dir), dtype="fp32"), for_training=False)
+    before = option_logliks(model, fmt, questions[:2])
+    channel = option_channel_logliks(model, fmt, questions[:2])
+    for got, expected in zip(channel, option_channel_logliks(plain, fmt, questions[:2]), strict=True):
+        assert got == pytest.approx(expected, abs=1e-4)
+    assert option_logliks(model, fmt, questions[:2]) == before
+    base = option_logliks(plain, fmt, questions[:2])
+    assert max(abs(base[0][k] - before[0][k]) for k in base[0]) > 1e-3  # the adapter changes what it scores
