@@ -20,7 +20,7 @@
   which option explains every character of it, and has no term for an option's own frequency. The base model's,
   since the adapters here never learn that direction: with a fine-tuned adapter on, the channel score alone fell
   from 68 to 62 of 161 official questions (README). A merged adapter has no base left, so infer.py picks before
-  merging.
+  merging; after full fine-tuning (peft.method=full) the channel reads the tuned model.
 
 Option likelihoods are scored by the decoding engine (poetry.decode.drive: a prompt-learning adapter's virtual tokens
 first, the output layer on the option's positions only), the options of `batch_size` questions a batch: each
