@@ -91,7 +91,7 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _prior_weight(text: str) -> float:
+def _choice_weight(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 2:
         raise argparse.ArgumentTypeError(f"must be in [0, 2], got {value}")
@@ -118,10 +118,10 @@ def _answer_arguments(parser: argparse.ArgumentParser) -> None:
     # the loop's evaluation defaults: infer.py answers as the curves measured
     parser.add_argument("--choose", choices=typing.get_args(ChoiceMethod), default=EvalConfig.choose,
                         help="how constrained decoding picks choose_id, see poetry.choice (default: %(default)s)")
-    parser.add_argument("--choose-prior-weight", type=_prior_weight, default=EvalConfig.choose_prior_weight,
-                        help="likelihood_pmi's λ, as eval.choose_prior_weight: the share of each option's "
+    parser.add_argument("--choose-prior-weight", type=_choice_weight, default=EvalConfig.choose_prior_weight,
+                        help="the PMI methods' λ, as eval.choose_prior_weight: the share of each option's "
                              "likelihood after the cue alone taken away (default: %(default)s)")
-    parser.add_argument("--choose-channel-weight", type=_prior_weight, default=EvalConfig.choose_channel_weight,
+    parser.add_argument("--choose-channel-weight", type=_choice_weight, default=EvalConfig.choose_channel_weight,
                         help="likelihood_pmi_channel's β, as eval.choose_channel_weight: the weight of the base "
                              "model's log-probability of the poem after each option (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=_positive, default=64,
@@ -322,8 +322,8 @@ def _merged_for_inference(model, args: argparse.Namespace, picked: bool = False)
     """A LoRA or IA3 adapter folded into an unquantized base: an unmerged LoRA made each decoding step of
     Gemma-3-270M 1.4-1.7x as long as the base's. The in-loop evaluation never merges: a bf16 base would drift with
     each merge and unmerge. Nor does serve when its choice reads the base model (likelihood_pmi_channel), unless the
-    letters are `picked` already (predict). Other adapters stay apart, and the reason is printed. `merge` merges
-    and saves by itself."""
+    letters are `picked` already (predict). Other adapters stay apart, and the reason is printed. The merge
+    subcommand merges and saves by itself."""
     if getattr(args, "no_merge", True) or not args.adapter:
         return model
     quantization = _quantization(args)
