@@ -318,12 +318,12 @@ def _load(args: argparse.Namespace, merge: bool = True):
     return model.eval(), tokenizer
 
 
-def _merged_for_inference(model, args: argparse.Namespace, picked: bool = False):
+def _merged_for_inference(model, args: argparse.Namespace):
     """A LoRA or IA3 adapter folded into an unquantized base: an unmerged LoRA made each decoding step of
     Gemma-3-270M 1.4-1.7x as long as the base's. The in-loop evaluation never merges: a bf16 base would drift with
-    each merge and unmerge. Nor does serve when its choice reads the base model (likelihood_pmi_channel), unless the
-    letters are `picked` already (predict). Other adapters stay apart, and the reason is printed. The merge
-    subcommand merges and saves by itself."""
+    each merge and unmerge. Nor does serve when its choice reads the base model (likelihood_pmi_channel) with each
+    request; predict picks its letters before it merges. Other adapters stay apart, and the reason is printed. The
+    merge subcommand merges and saves by itself."""
     if getattr(args, "no_merge", True) or not args.adapter:
         return model
     quantization = _quantization(args)
@@ -331,7 +331,7 @@ def _merged_for_inference(model, args: argparse.Namespace, picked: bool = False)
         reason = "its virtual tokens come before every prompt"
     elif quantization != "none":
         reason = f"the base is quantized ({quantization}): merging would round the adapter into it"
-    elif getattr(args, "choose", None) == "likelihood_pmi_channel" and not picked:
+    elif args.command == "serve" and args.choose == "likelihood_pmi_channel":
         reason = "likelihood_pmi_channel scores each poem with the base model, the adapter switched off"
     else:
         print("adapter: merged into the base for inference (--no-merge keeps it apart)", flush=True)
@@ -383,7 +383,7 @@ def _predict(args: argparse.Namespace) -> int:
             # the letters before merging: likelihood_pmi_channel reads the base model, which a merge does away with
             pick = letter_pick(model, fmt, questions, args.choose, args.max_new_tokens, args.batch_size,
                                args.choose_prior_weight, args.choose_channel_weight)
-            model = _merged_for_inference(model, args, picked=True)
+            model = _merged_for_inference(model, args)
             result = decode_constrained(model, fmt, questions, args.batch_size, args.max_new_tokens,
                                         progress.advance, pick, args.draft_tokens)
         else:

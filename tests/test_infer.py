@@ -134,6 +134,8 @@ def test_an_adapter_is_merged_at_load_unless_no_merge_and_answers_alike(tiny_mod
     assert [(step, isinstance(model, PeftModel)) for step, model in models] == \
         [("pick", True), ("decode", False), ("pick", True), ("decode", True)]
     assert models[1][1].get_input_embeddings().weight.dtype == torch.float32
+    code, free = run(capsys, *common, "--output", tmp_path / "free.json", "--decode", "free")
+    assert code == 0 and "adapter: merged into the base for inference" in free.out  # no letter to pick first
     assert load_answers(tmp_path / "merged.json") == load_answers(tmp_path / "apart.json")
     printed = [run(capsys, "perplexity", "--model", tiny_model_dir, "--adapter", adapter_dir, "--input", EVAL, "--gold",
                    SAMPLE / "eval_gold.json", "--dtype", "fp32", *flag)[1].out for flag in ((), ("--no-merge",))]
