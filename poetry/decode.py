@@ -483,7 +483,7 @@ def _forward(lm: TargetOnlyLoss, rows: list[_Row], draft_tokens: int = 0) -> Non
                         **{PACKING_KEYWORD: packing}).last_hidden_state[0]
     # the output layer (a 262k-row matmul on Gemma) on each row's due token and its own drafts only
     scored = [1 + len(draft) for draft in drafts]
-    ends = itertools.accumulate(len(tokens) for tokens in fed)
+    ends = [start + len(tokens) for start, tokens in zip(packing.starts, fed, strict=True)]
     read = [position for end, n in zip(ends, scored, strict=True) for position in range(end - n, end)]
     logits = lm.target_logits(hidden[read]).split(scored)
     for row, tokens, draft, row_logits in zip(rows, fed, drafts, logits, strict=True):
