@@ -32,6 +32,8 @@ Z95 = 1.959964  # the standard normal quantile of a two-sided 95% interval
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # the flags that decide which float formats are fast on an x86 CPU
 REPORTED_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+# the variables that cap the kernels' instruction set below the CPU's (an AVX-512 machine timing AVX2 kernels)
+KERNEL_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 # rich wraps to 80 columns when stdout is a file or pipe, which cuts the model names off in saved benchmark output
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -117,6 +119,7 @@ def machine() -> dict:
     return {"cpu": cpu_model_name(), "cpu_flags": [flag for flag in REPORTED_CPU_FLAGS if flag in flags],
             "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "native_bf16": native, "native_bf16_detail": detail,
+            "kernel_caps": {name: os.environ[name] for name in KERNEL_CAP_VARIABLES if os.environ.get(name)},
             # other jobs on the cores skew the timings, multi-threaded ones most: 1, 5 and 15 minute averages
             "load_average": [round(load, 2) for load in os.getloadavg()] if hasattr(os, "getloadavg") else None,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -125,10 +128,12 @@ def machine() -> dict:
 
 
 def write_results(name: str, results: dict, results_dir: Path = RESULTS_DIR) -> Path:
-    """`results` with machine() as `results_dir`/NAME-CPU-DATE.json (CPU slugged from its model name); a later run
-    on the same CPU and day replaces the earlier one."""
+    """`results` with machine() as `results_dir`/NAME-CPU-DATE.json (CPU slugged from its model name, and any
+    kernel caps after it); a later run on the same CPU, caps and day replaces the earlier one."""
     host = machine()
-    cpu_slug = re.sub(r"[^a-z0-9]+", "-", host["cpu"].lower()).strip("-")
+    caps = dict.fromkeys(cap.lower() for cap in host["kernel_caps"].values())
+    cpu = " ".join([host["cpu"], "capped", *caps]) if caps else host["cpu"]
+    cpu_slug = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")
     path = Path(results_dir) / f"{name}-{cpu_slug}-{host['date'][:10]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": name, "machine": host, **results}, indent=2) + "\n", encoding="utf-8")

@@ -9,6 +9,11 @@ to the hardware when the config says `auto`.
 The probe is the bf16 instruction flag itself: `torch.backends.cpu.get_cpu_capability()` says only "AVX2" or
 "AVX512" (an AVX-512 CPU need not have bf16), and oneDNN's `_is_mkldnn_bf16_supported` is true on any AVX-512 core,
 where bf16 is emulated. An explicit `bf16` on a CPU without it still runs, with a one-line warning.
+
+`ONEDNN_MAX_CPU_ISA` set below AVX512_CORE_BF16 takes the bf16 kernels away whatever the CPU has (measured on a Xeon
+with AMX: a bf16 linear layer 33x slower than fp32 at AVX2, 4x at AVX512_CORE), so it counts as no native bf16.
+With `ATEN_CPU_CAPABILITY=avx2` and `MKL_ENABLE_INSTRUCTIONS=AVX2` beside it, an AVX-512 machine times an AVX2-only
+one's kernels (README, The machines).
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # as /proc/cpuinfo spells them
+# oneDNN's instruction-set caps below its first with bf16 arithmetic (dnnl_cpu_isa_t, in order)
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,9 @@ def cpu_native_bf16() -> tuple[bool, str]:
     found += [flag for flag in X86_BF16_FLAGS if flag in flags and flag not in found]
     if platform.machine().lower() in ("aarch64", "arm64") and "bf16" in flags:
         found.append("arm bf16")
+    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if found and onednn_cap in ONEDNN_ISAS_WITHOUT_BF16:
+        return False, f"ONEDNN_MAX_CPU_ISA={onednn_cap} takes away the bf16 kernels of {'/'.join(found)}"
     if found:
         return True, "/".join(found)
     return False, "no avx512_bf16 or amx_bf16 flag" if platform.machine().lower() in ("x86_64", "amd64") else \

@@ -343,3 +343,17 @@ def test_writing_benchmark_checks_every_poem_of_each_setting_and_saves_them(tiny
     assert loose["scores"]["form"] == loose["scores"]["rhyme"] == loose["scores"]["regular"] == 1.0  # by construction
     assert all(poem["ok"] for poem in loose["poems"]) and loose["several"] is not None
     assert report["results"]["free"]["several"] is None  # free decoding draws from the whole vocabulary
+
+
+def test_results_of_capped_kernels_say_so_and_keep_apart_from_the_native_ones(monkeypatch, tmp_path):
+    from bench.common import write_results
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    native = write_results("probe", {"rows": []}, tmp_path)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    capped = write_results("probe", {"rows": []}, tmp_path)
+    assert capped != native and capped.name.endswith(f"-capped-avx2-{capped.name[-15:-5]}.json")
+    saved = json.loads(capped.read_text(encoding="utf-8"))["machine"]["kernel_caps"]
+    assert saved == {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert json.loads(native.read_text(encoding="utf-8"))["machine"]["kernel_caps"] == {}

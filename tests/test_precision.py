@@ -60,6 +60,21 @@ def test_torch_probe_alone_is_enough(cpu, monkeypatch):
     assert precision.choose("auto", "cpu").value == "bf16"
 
 
+@pytest.mark.parametrize("cap, expected", [
+    ("AVX2", "fp32"), ("avx512_core", "fp32"), ("AVX512_CORE_VNNI", "fp32"),  # oneDNN below its bf16 kernels
+    ("AVX512_CORE_BF16", "bf16"), ("AVX10_1_512_AMX", "bf16"), ("DEFAULT", "bf16"), ("", "bf16"),
+])
+def test_a_onednn_cap_below_bf16_counts_as_no_native_bf16(cpu, monkeypatch, cap, expected):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    cpu(INTEL_BF16)
+    choice = precision.choose("auto", "cpu")
+    assert choice.value == expected
+    assert ("ONEDNN_MAX_CPU_ISA" in choice.reason) == (expected == "fp32")
+    if expected == "fp32":
+        assert "avx512_bf16/amx_bf16" in choice.reason
+        assert "20x slower" in precision.choose("bf16", "cpu").warning
+
+
 def test_explicit_slow_choices_run_with_a_warning(cpu):
     cpu(AMD_AVX2)
     bf16 = precision.choose("bf16", "cpu", "train.precision")
