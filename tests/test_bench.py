@@ -234,6 +234,31 @@ def test_choose_benchmark_derives_the_likelihood_picks_as_letter_pick_does(tiny_
     assert len(set(map(tuple, derived.values()))) >= 4  # the methods pick apart, so each comparison tells
 
 
+def test_choose_benchmark_scores_each_questions_channel_once_across_adapters(tiny_model_dir, adapter_dir,
+                                                                           one_torch_thread, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from bench import choose as bench_choose
+    from poetry import choice
+
+    files = str(SAMPLE / "eval.json"), str(SAMPLE / "eval_gold.json")
+    args = bench_choose.parse_args(["--model", str(tiny_model_dir), "--questions", files[0], "--gold", files[1],
+                                    "--methods", "likelihood_pmi_channel", "--channel-weights", "0.3,2",
+                                    "--dtype", "fp32"])
+    questions, _ = bench_choose.from_files(*files)
+    unshared = bench_choose.Scorer(args).picks([questions], adapter_dir)
+    scored, score = [], choice.option_channel_logliks
+
+    def counted(model, fmt, asked, batch_size):
+        scored.append([q.title for q in asked])
+        return score(model, fmt, asked, batch_size)
+
+    monkeypatch.setattr("poetry.choice.option_channel_logliks", counted)
+    scorer = bench_choose.Scorer(args)
+    scorer.picks([questions[:3], questions])  # zero-shot: the first three poems once, the rest once
+    assert scored == [[q.title for q in questions[:3]], [q.title for q in questions[3:]]]
+    assert scorer.picks([questions], adapter_dir) == unshared and len(scored) == 2  # the adapter's: none scored again
+
+
 def hand_made(gold: list[str], picks: list[str]):
     """Questions whose options have a known valence each: A positive, B negative, C calm, D none."""
     sys.path.insert(0, str(ROOT))
