@@ -218,7 +218,7 @@ class PoemState(_Writing):
         line, position, last = self._position()
         tones = None if self.tones == "off" else frozenset(
             p.writing_tone(line, position, self.tones == "loose") for p in self.patterns)
-        chains = {p.lines[line].rhyme for p in self.patterns} if last else {None}
+        chains = self._chains(self.patterns, line, last)
         if None not in chains:  # every pattern left rhymes here
             allowed = self.chars.allowed_ids(tones, self._rhyme_key(chains.pop()))
             if self.form.regulated and self.rhymed:
@@ -227,6 +227,11 @@ class PoemState(_Writing):
         if len(chains) > 1 and tones is not None:  # a regulated first line, rhymed or not: level rhymes or oblique
             return self.chars.allowed_ids(tones, self._rhyme_key(next(c for c in chains if c)), or_oblique=True)
         return self.chars.allowed_ids(tones)
+
+    @staticmethod
+    def _chains(patterns: list, line: int, last: bool) -> set[str | None]:
+        """The rhyme chains of `line` under `patterns` at its last position ({None} elsewhere: nothing rhymes)."""
+        return {p.lines[line].rhyme for p in patterns} if last else {None}
 
     def _rhyme_key(self, chain: str) -> tuple:
         return self.classes[chain], self.form.chain_tones[chain], self.form.regulated
@@ -238,12 +243,12 @@ class PoemState(_Writing):
         if self.tones != "off":
             tones, loose = self.chars.table.tones(char), self.tones == "loose"
             fitting = [p for p in self.patterns if p.writing_tone(line, position, loose) in (EITHER, *tones)]
-            chains = {p.lines[line].rhyme for p in fitting} if last else {None}
+            chains = self._chains(fitting, line, last)
             if len(chains) > 1:  # a regulated first line: rhymed if the character rhymes, else not
                 rhymes = self._rhymes(char, next(chain for chain in chains if chain))
                 fitting = [p for p in fitting if bool(p.lines[line].rhyme) == rhymes]
             self.patterns = fitting
-        chains = {p.lines[line].rhyme for p in self.patterns} if last else {None}
+        chains = self._chains(self.patterns, line, last)
         if None not in chains:
             chain = chains.pop()
             self.rhymed += self.chars.ids_of[char]
