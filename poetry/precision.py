@@ -13,7 +13,7 @@ where bf16 is emulated. An explicit `bf16` on a CPU without it still runs, with 
 `ONEDNN_MAX_CPU_ISA` set below AVX512_CORE_BF16 takes the bf16 kernels away whatever the CPU has (measured on a Xeon
 with AMX: a bf16 linear layer 33x slower than fp32 at AVX2, 4x at AVX512_CORE), so it counts as no native bf16.
 With `ATEN_CPU_CAPABILITY=avx2` and `MKL_ENABLE_INSTRUCTIONS=AVX2` beside it, an AVX-512 machine times an AVX2-only
-one's kernels (README, The machines).
+one's kernels (README, Precision: chosen by the hardware).
 """
 from __future__ import annotations
 

@@ -16,8 +16,9 @@ INTEL_AVX512_NO_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx
 
 @pytest.fixture
 def cpu(monkeypatch, tmp_path):
-    """Pretend to run on a CPU with the given /proc/cpuinfo (torch's own probes silenced, no GPU)."""
+    """Pretend to run on a CPU with the given /proc/cpuinfo (torch's own probes silenced, no GPU, oneDNN uncapped)."""
     read_flags = precision.cpu_flags
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
 
     def pretend(cpuinfo: str, machine: str = "x86_64") -> None:
         path = tmp_path / "cpuinfo"
