@@ -182,9 +182,8 @@ def likelihood_letters(questions: list, logliks: list[dict[str, float]], priors:
 
 
 def pick_letters(model, fmt, questions: list, labels: list[str], batch_size: int, max_new_tokens: int,
-                 channel: list[dict[str, float]] | None = None) -> dict[str, list[str]]:
-    """Each row label's letters for `questions`; `channel`, their channel scores, is computed here if needed and
-    not given."""
+                 channel: list[dict[str, float]] | None) -> dict[str, list[str]]:
+    """Each row label's letters for `questions`, given their channel scores (None where no row reads them)."""
     from poetry import choice
     from poetry.decode import decode_constrained
 
@@ -195,8 +194,6 @@ def pick_letters(model, fmt, questions: list, labels: list[str], batch_size: int
         logliks = choice.option_logliks(model, fmt, questions, batch_size)
         priors = choice.option_priors(model, fmt, [text for q in questions for text in q.choose.values()],
                                       batch_size)
-    if channel is None and "likelihood_pmi_channel" in methods:
-        channel = choice.option_channel_logliks(model, fmt, questions, batch_size)
     picks = {}
     for label in labels:
         method, weight, channel_weight = method_of(label)

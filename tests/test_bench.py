@@ -371,8 +371,8 @@ def test_writing_benchmark_checks_every_poem_of_each_setting_and_saves_them(tiny
 
 
 def test_results_of_capped_kernels_say_so_and_keep_apart_from_the_native_ones(monkeypatch, tmp_path):
-    from bench.common import write_results
-    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+    from bench.common import KERNEL_CAP_VARIABLES, write_results
+    for name in KERNEL_CAP_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     native = write_results("probe", {"rows": []}, tmp_path)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
